@@ -139,7 +139,8 @@ def _norm(value):
     return value
 
 
-def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor],
+                           source: str | os.PathLike) -> None:
     """``load_state_dict(strict=True)`` with an error that names the file and lists missing / extra keys."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))

@@ -108,13 +108,15 @@ class DANNConfig:
     targets: tuple = ("svhn", "usps")
     epochs: int = 10
     batch_size: int = 128  # per domain: a DANN step sees batch_size source + batch_size target images
-    lr: float = 1e-3  # Adam; annealed as lr / (1 + 10 p) ** 0.75 when lr_anneal
+    optimizer: str = "adam"  # adam | sgd (momentum 0.9, as the paper)
+    lr: float = 1e-3  # annealed as lr / (1 + 10 p) ** 0.75 when lr_anneal
     lr_anneal: bool = True
     weight_decay: float = 0.0
     gamma: float = 10.0  # lambda = 2 / (1 + exp(-gamma p)) - 1
     conv_channels: tuple = (32, 48)  # feature extractor: 5x5 convs (the paper's MNIST net); 3+ convs are padded
     batch_norm: bool = False
     hidden: int = 100  # width of the label / domain classifier layers
+    domain_layers: int = 1  # hidden layers of the domain classifier
     dropout: float = 0.5  # Dropout2d on the last conv
     max_train: int | None = None  # cap on training images per domain (None: all)
     max_eval: int | None = None

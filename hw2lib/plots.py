@@ -246,3 +246,46 @@ def curves_grid(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[floa
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def domain_samples_figure(datasets, per_row: int = 10, seed: int = 0, cell: float = 0.6):
+    """One row of ``per_row`` samples per dataset, labelled ``domain (source)``.
+
+    ``datasets``: objects with ``images`` (uint8 N x H x W x C) and optionally ``labels``,
+    ``domain`` and ``source`` (a ``digits.DigitDataset``), or ``(label, images)`` pairs.
+    With labels, the columns are the digits 0..9 (one seeded pick each); rows may differ in image size.
+    """
+    datasets = list(datasets)
+    rows = []
+    for item in datasets:
+        if isinstance(item, tuple):
+            name, images, labels = item[0], np.asarray(item[1]), None
+        else:
+            images, labels = np.asarray(item.images), getattr(item, "labels", None)
+            name = f"{getattr(item, 'domain', '?')} ({getattr(item, 'source', '?')})"
+        rng = np.random.default_rng(seed)
+        if labels is not None and per_row == 10:
+            labels = np.asarray(labels)
+            picks = [int(rng.choice(np.flatnonzero(labels == d))) if (labels == d).any() else None for d in range(10)]
+        else:
+            picks = sorted(rng.choice(len(images), size=min(per_row, len(images)), replace=False).tolist())
+        rows.append((name, [images[i] if i is not None else None for i in picks]))
+    if not rows:
+        raise ValueError("domain_samples_figure needs at least one dataset")
+    fig, axes = plt.subplots(len(rows), per_row, figsize=(cell * per_row + 1.6, cell * len(rows) + 0.5), squeeze=False)
+    for r, (name, images) in enumerate(rows):
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if c < len(images) and images[c] is not None:
+                img = images[c]
+                grey = img.ndim == 2 or img.shape[-1] == 1
+                ax.imshow(img.reshape(img.shape[:2]) if grey else img, cmap="gray" if grey else None)
+        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    if any(getattr(d, "labels", None) is not None for d in datasets if not isinstance(d, tuple)) and per_row == 10:
+        for c in range(10):
+            axes[0, c].set_title(str(c), fontsize=9)
+    fig.subplots_adjust(wspace=0.05, hspace=0.08)
+    return fig
