@@ -58,6 +58,7 @@ class DDPMConfig:
     sweep_per_digit: int = 20
     sample_batch: int = 500
     evaluator_epochs: int = 3
+    evaluator_max_train: int | None = None  # cap on the evaluator's training images (None: all)
     interactive: bool = False
 
 
@@ -106,8 +107,8 @@ class DANNConfig:
     data_source: str = "auto"
     source: str = "mnistm"
     targets: tuple = ("svhn", "usps")
-    epochs: int = 10
-    batch_size: int = 128  # per domain: a DANN step sees batch_size source + batch_size target images
+    epochs: int = 6
+    batch_size: int = 64  # per domain: a DANN step sees batch_size source + batch_size target images
     optimizer: str = "adam"  # adam | sgd (momentum 0.9, as the paper)
     lr: float = 1e-3  # annealed as lr / (1 + 10 p) ** 0.75 when lr_anneal
     lr_anneal: bool = True
@@ -116,7 +117,7 @@ class DANNConfig:
     conv_channels: tuple = (32, 48)  # feature extractor: 5x5 convs (the paper's MNIST net); 3+ convs are padded
     batch_norm: bool = False
     hidden: int = 100  # width of the label / domain classifier layers
-    domain_layers: int = 1  # hidden layers of the domain classifier
+    domain_layers: int = 2  # hidden layers of the domain classifier
     dropout: float = 0.5  # Dropout2d on the last conv
     max_train: int | None = None  # cap on training images per domain (None: all)
     max_eval: int | None = None
@@ -133,7 +134,7 @@ PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         "smoke": dict(base_channels=8, channel_mults=(1, 2), attn_resolutions=(14,), time_dim=32,
                       train_steps=6, batch_size=16, checkpoint_every=3, warmup_steps=2, train=True,
                       sample_steps=4, n_per_digit=3, sweep_per_digit=1, guidance_sweep=(0.0, 2.0),
-                      evaluator_epochs=1, sample_batch=64),
+                      evaluator_epochs=1, evaluator_max_train=1000, sample_batch=64),
         "quick": dict(),
         "full": dict(data_source="course", base_channels=64, channel_mults=(1, 2, 2), attn_resolutions=(14, 7),
                      time_dim=256, train_steps=30000, batch_size=256, lr=4e-4, warmup_steps=1000,
@@ -149,7 +150,7 @@ PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "dann": {
         "smoke": dict(epochs=1, batch_size=32, max_train=256, max_eval=128, tsne_points=60),
-        "quick": dict(),
+        "quick": dict(max_train=10000),
         "full": dict(data_source="course", epochs=30, batch_size=256),
     },
 }

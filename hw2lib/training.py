@@ -31,7 +31,7 @@ def train_command(part: str, profile: str, params: dict, max_minutes: float | No
         if export and evaluate_per_digit > 0:
             extra["accuracies"] = ddpm_accuracies(model, cfg, device, evaluate_per_digit)
     else:
-        from . import faces_model
+        from . import ddim as faces_model
 
         model, info = faces_model.prepare_model(cfg, device, progress=True, max_seconds=max_seconds)
         data = faces_model.load_data(cfg)
