@@ -8,7 +8,7 @@ VENV     := .venv
 PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed
 
-.PHONY: setup report test bench lab clean-runs
+.PHONY: setup report test bench lab browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,11 +29,19 @@ report: $(STAMP)
 		$(if $(DATA_ROOT),-p data_root=$(DATA_ROOT)) -p device=$(DEVICE) \
 		$(if $(filter 1 true yes,$(TRAIN)),-p train=True)
 
-test: $(STAMP)
+# The browser test (tests/e2e) needs Debian's Chromium; install it when we are root and it is missing.
+# Where it cannot be had the e2e test skips with the reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		echo "installing Debian's chromium for the browser test ..." && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
+		echo "chromium is not available: the e2e test will skip"
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m bench
+	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
