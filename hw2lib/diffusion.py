@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpoint
@@ -33,23 +34,26 @@ def schedule_from(cfg) -> NoiseSchedule:
     return NoiseSchedule.linear(cfg.timesteps, cfg.beta_start, cfg.beta_end)
 
 
-def drop_labels(labels: torch.Tensor, p_uncond: float, null_label: int, generator: torch.Generator) -> torch.Tensor:
-    """Replace each label by the null label with probability ``p_uncond`` (classifier-free guidance training)."""
-    if p_uncond <= 0:
-        return labels
-    mask = torch.rand(labels.shape, generator=generator) < p_uncond
-    return torch.where(mask.to(labels.device), torch.full_like(labels, null_label), labels)
+def draw_batch(n_images: int, batch_size: int, timesteps: int, image_shape: tuple, p_uncond: float,
+               generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Everything random about one (global) training batch, in a fixed order from one generator:
+    image indices, timesteps, noise and the label-dropout mask."""
+    idx = torch.randint(0, n_images, (batch_size,), generator=generator)
+    t = torch.randint(0, timesteps, (batch_size,), generator=generator)
+    noise = torch.randn((batch_size, *image_shape), generator=generator)
+    drop = torch.rand((batch_size,), generator=generator) < p_uncond if p_uncond > 0 else None
+    return {"idx": idx, "t": t, "noise": noise, "drop": drop}
 
 
 def diffusion_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, labels: torch.Tensor | None,
-                   generator: torch.Generator, p_uncond: float = 0.1, min_snr_gamma: float | None = None):
-    """Noise-prediction MSE at uniformly drawn t; optional min-SNR-gamma weighting (Hang et al. 2023)."""
-    n = len(x0)
-    t = torch.randint(0, schedule.T, (n,), generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+                   t: torch.Tensor, noise: torch.Tensor, drop: torch.Tensor | None = None,
+                   null_label: int | None = None, min_snr_gamma: float | None = None):
+    """Noise-prediction MSE at the drawn t; labels replaced by the null label where ``drop``;
+    optional min-SNR-gamma weighting (Hang et al. 2023)."""
     x_t = schedule.q_sample(x0, t, noise)
     if labels is not None:
-        labels = drop_labels(labels, p_uncond, model.null_label, generator)
+        if drop is not None:
+            labels = torch.where(drop, torch.full_like(labels, null_label), labels)
         pred = model(x_t, t, labels)
     else:
         pred = model(x_t, t)
@@ -68,6 +72,13 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach(), 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
+
+
+def world_info() -> tuple[int, int]:
+    """(world size, rank) under torch.distributed, else (1, 0)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
 
 def learning_rate(step: int, base_lr: float, warmup: int, total: int) -> float:
@@ -106,6 +117,7 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | N
     from tqdm.auto import tqdm
 
     schedule = schedule_from(cfg)
+    device = torch.device(device)
     model = model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=getattr(cfg, "weight_decay", 0.0))
@@ -125,29 +137,50 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | N
     n = len(images)
     start = time.perf_counter()
     running = 0.0
-    bar = tqdm(total=total, initial=step, desc=f"training {part}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=f"training {part}", disable=not progress or world_info()[1] != 0,
+               dynamic_ncols=True)
 
     def save() -> None:
-        if ckpt_path is None:
+        if ckpt_path is None or rank != 0:  # only rank 0 writes
             return
         checkpoint.save(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(),
                                     "optimizer": opt.state_dict(), "generator": gen.get_state(),
                                     "history": history, "seconds": seconds + time.perf_counter() - start},
                         config=config, step=step)
 
+    world, rank = world_info()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    per_rank = cfg.batch_size // world
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
     while step < end:
         lr = learning_rate(step, cfg.lr, cfg.warmup_steps, total)
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+        # the global batch is drawn identically on every rank; each rank takes its slice
+        b = draw_batch(n, cfg.batch_size, schedule.T, tuple(images.shape[1:]), getattr(cfg, "p_uncond", 0.0), gen)
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        idx = b["idx"][mine]
         x0 = images[idx].to(device, non_blocking=True)
         y = labels[idx].to(device) if labels is not None else None
-        loss = diffusion_loss(model, schedule, x0, y, gen, getattr(cfg, "p_uncond", 0.0), cfg.min_snr_gamma)
-        if not torch.isfinite(loss):
+        drop = b["drop"][mine].to(device) if b["drop"] is not None else None
+        loss = diffusion_loss(net, schedule, x0, y, b["t"][mine].to(device), b["noise"][mine].to(device), drop,
+                              getattr(model, "null_label", None), cfg.min_snr_gamma)
+        if world > 1:  # the logged loss and the NaN check see the global batch
+            loss_all = loss.detach().clone()
+            dist.all_reduce(loss_all)
+            loss_value = loss_all / world
+        else:
+            loss_value = loss.detach()
+        if not torch.isfinite(loss_value):
             bar.close()
             raise TrainingDiverged(
-                f"{part} training stopped: loss became {loss.item()} at step {step + 1}; "
+                f"{part} training stopped: loss became {loss_value.item()} at step {step + 1}; "
                 f"the last good checkpoint ({ckpt_path}) is kept as it was"
             )
         opt.zero_grad(set_to_none=True)
@@ -157,7 +190,7 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | N
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         ema_update(ema, model, decay)
         step += 1
-        running += loss.item()
+        running += loss_value.item()
         if step % log_every == 0 or step == end:
             k = log_every if step % log_every == 0 else step % log_every
             history.append({"step": step, "loss": running / k, "lr": lr,
@@ -167,7 +200,7 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | N
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == end:
             save()
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+        if max_seconds is not None and _stop_all(time.perf_counter() - start > max_seconds, world, device):
             save()
             break
     bar.close()
@@ -180,3 +213,12 @@ def checkpoint_path(part: str, cfg) -> Path:
     from . import paths
 
     return paths.checkpoints_dir() / f"{part}_{cfg.profile}_{run_tag(part, cfg)}" / "latest.pt"
+
+
+def _stop_all(stop: bool, world: int, device) -> bool:
+    """A stop decision every rank agrees on (rank 0's clock decides)."""
+    if world == 1:
+        return stop
+    flag = torch.tensor([1.0 if stop else 0.0], device=device)
+    dist.broadcast(flag, 0)
+    return bool(flag.item())

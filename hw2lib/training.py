@@ -1,6 +1,7 @@
 """``python -m hw2lib train PART``: train or resume, then export small weights with a manifest."""
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import time
@@ -17,7 +18,8 @@ def train_command(part: str, profile: str, params: dict, max_minutes: float | No
         torch.set_num_threads(threads)
     cfg_part = {"ddpm": "ddpm", "faces": "ddim"}[part]
     cfg = config.from_params(cfg_part, profile=profile, **{**params, "train": True})
-    device = paths.pick_device(cfg.device)
+    device = init_distributed(paths.pick_device(cfg.device))
+    rank = int(os.environ.get("RANK", "0"))
     paths.seed_everything(cfg.seed)
     max_seconds = max_minutes * 60 if max_minutes else None
     command = "python -m hw2lib " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
@@ -28,7 +30,7 @@ def train_command(part: str, profile: str, params: dict, max_minutes: float | No
         model, info = ddpm.prepare_model(cfg, device, progress=True, max_seconds=max_seconds)
         data = ddpm.load_data(cfg)
         extra = {}
-        if export and evaluate_per_digit > 0:
+        if export and evaluate_per_digit > 0 and rank == 0:
             extra["accuracies"] = ddpm_accuracies(model, cfg, device, evaluate_per_digit)
     else:
         from . import ddim as faces_model
@@ -38,7 +40,7 @@ def train_command(part: str, profile: str, params: dict, max_minutes: float | No
         extra = {}
     print(f"{part}: {info.origin}, step {info.steps}/{cfg.train_steps}, {info.seconds:.0f} s of training in all; "
           f"this call took {time.perf_counter() - start:.0f} s")
-    if not export:
+    if not export or rank != 0:  # only rank 0 writes
         return 0
     manifest = {
         "command": command, "profile": profile, "steps": info.steps, "train_steps": cfg.train_steps,
@@ -70,3 +72,24 @@ def ddpm_accuracies(model, cfg, device, per_digit: int) -> dict:
         out[f"w={w} seconds"] = round(seconds, 1)
     print("accuracies:", out)
     return out
+
+
+def init_distributed(device):
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs).
+
+    The global batch stays ``cfg.batch_size`` whatever the number of processes, each rank
+    taking its slice of one batch drawn identically everywhere, so a run can resume with
+    another number of processes.
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return device

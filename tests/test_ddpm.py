@@ -64,12 +64,21 @@ def test_batched_guidance_equals_two_forwards():
         assert torch.allclose(samplers.guided(net, labels, 0.0)(x, t), cond, atol=1e-6)
 
 
-def test_label_dropout_rate():
-    labels = torch.zeros(100000, dtype=torch.long)
-    dropped = diffusion.drop_labels(labels, 0.1, 10, torch.Generator().manual_seed(0))
-    rate = float((dropped == 10).float().mean())
-    assert rate == pytest.approx(0.1, abs=0.005)
-    assert set(dropped.unique().tolist()) == {0, 10}
+def test_label_dropout_rate_and_null_label():
+    b = diffusion.draw_batch(50, 100000, 1000, (1, 1, 1), 0.1, torch.Generator().manual_seed(0))
+    assert float(b["drop"].float().mean()) == pytest.approx(0.1, abs=0.005)
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, labels):
+            seen["labels"] = labels
+            return torch.zeros_like(x)
+
+    x0 = torch.zeros(8, 1, 2, 2)
+    drop = torch.tensor([True, False] * 4)
+    diffusion.diffusion_loss(Recorder(), NoiseSchedule.linear(), x0, torch.arange(8), torch.zeros(8, dtype=torch.long),
+                             torch.randn(8, 1, 2, 2), drop, null_label=10)
+    assert seen["labels"].tolist() == [10, 1, 10, 3, 10, 5, 10, 7]
 
 
 def test_ema_update():
