@@ -76,6 +76,36 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def atomic_write_many(files: dict[str | os.PathLike, bytes]) -> None:
+    """Write several files that belong together (a figure, its sidecar and its arrays).
+
+    Every file is first written and fsynced to a temporary file beside its target; only when all
+    of them are on disk are they renamed over their targets.  A failing write (disk full, I/O
+    error) therefore leaves every previous file as it was and no temporary file behind.
+    """
+    done: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            done.append((tmp, path))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+        while done:
+            tmp, path = done[0]
+            os.replace(tmp, path)
+            done.pop(0)
+    except BaseException:
+        for tmp, _ in done:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+
+
 def save(path: str | os.PathLike, payload: dict[str, Any], config: dict[str, Any] | None = None,
          step: int | None = None) -> Path:
     """Save ``payload`` (tensors, state_dicts, numbers, strings) atomically to ``path``."""

@@ -52,6 +52,11 @@ COURSE_LAYOUT = """expected layout under data_root:
   (CSV columns: image_name,label; images 28x28, RGB or grey)"""
 
 
+# PIL modes read_png accepts: 8-bit ones convert to RGB; 16-bit grey is scaled to 8 bits (65535 -> 255)
+IMAGE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX")
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
 class DataError(ValueError):
     """Input data that cannot be used; the message names the file and what was expected."""
 
@@ -144,14 +149,22 @@ def read_png(path: Path, size: tuple[int, int] | None = (28, 28)) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode not in ("L", "RGB", "RGBA", "P", "I", "I;16", "LA"):
-                raise DataError(f"image {path} has mode {im.mode}; expected grey (L) or RGB")
-            rgb = im.convert("RGB")
+            if im.mode in SIXTEEN_BIT_MODES:  # 16-bit grey: PIL's convert("RGB") would clip, not scale
+                raw = np.asarray(im).astype(np.int64)
+                if raw.size and (raw.min() < 0 or raw.max() > 65535):
+                    raise DataError(f"image {path} has mode {im.mode} with values {raw.min()}..{raw.max()}; "
+                                    "expected 8-bit or 16-bit grey, or RGB")
+                grey = ((raw * 255 + 32767) // 65535).astype(np.uint8)
+                arr = np.repeat(grey[..., None], 3, axis=-1)
+            elif im.mode in IMAGE_MODES:
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            else:
+                raise DataError(f"image {path} has mode {im.mode}; expected grey (L, 1, 16-bit) or RGB "
+                                "(palette and alpha are converted)")
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"image {path} is corrupt or not an image ({exc})") from None
-    arr = np.asarray(rgb, dtype=np.uint8)
     if size is not None and arr.shape[:2] != size:
         raise DataError(f"image {path} is {arr.shape[1]}x{arr.shape[0]}; expected {size[1]}x{size[0]}")
     return arr

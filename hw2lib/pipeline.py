@@ -102,6 +102,22 @@ def check_params(path: Path, params: dict[str, Any]) -> None:
             )
 
 
+def check_data_root(value: Any) -> Any:
+    """``data_root`` as an absolute path (the notebooks run with cwd ``notebooks/``, so a relative path is
+    taken relative to the caller's working directory here); a folder that does not exist is refused
+    before any notebook runs.  ``None`` / ``""`` (the offline default) pass unchanged."""
+    if value is None or value == "":
+        return value
+    if not isinstance(value, (str, os.PathLike)):
+        raise PipelineError(f"parameter 'data_root' must be a path string or None, got {value!r}")
+    root = Path(value).expanduser()
+    root = root if root.is_absolute() else Path.cwd() / root
+    if not root.is_dir():
+        raise PipelineError(f"data_root {root} does not exist or is not a folder; expected the course's hw2_data "
+                            "folder (digits/, face/), or leave data_root unset for the offline default")
+    return str(root.resolve())
+
+
 def export_html(notebook: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
@@ -142,6 +158,8 @@ def run(profile: str = "quick", only: Iterable[str] | None = None, params: dict[
         raise PipelineError(f"unknown profile {profile!r}; expected one of {list(PROFILES)}")
     params = dict(params or {})
     params.pop("profile", None)
+    if "data_root" in params:
+        params["data_root"] = check_data_root(params["data_root"])
     notebooks_dir = Path(notebooks_dir or paths.notebooks_dir())
     runs_root = Path(runs_root) if runs_root else paths.runs_dir()
     run_dir = runs_root / profile

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import paths  # noqa: E402
-from .checkpoint import atomic_write_bytes, atomic_write_text  # noqa: E402
+from .checkpoint import atomic_write_many  # noqa: E402
 
 
 def git_commit() -> str:
@@ -79,17 +79,25 @@ def _json(obj: Any) -> str:
 
 def save_figure(fig, name: str, profile: str, meta: dict[str, Any] | None = None, dpi: int = 120,
                 arrays: dict[str, np.ndarray] | None = None) -> Path:
-    """Write ``figures/<name>.png`` (+ ``.json`` sidecar, + ``.npz`` of the arrays behind it) atomically."""
+    """Write ``figures/<name>.png`` (+ ``.json`` sidecar, + ``.npz`` of the arrays behind it) atomically.
+
+    All files are written to temporary files first and renamed only when every one is on disk, so a
+    failing write leaves the previous figure, sidecar and arrays as they were.  Without ``arrays`` an
+    older ``<name>.npz`` (which would describe another figure) is removed.
+    """
     out = run_dir(profile) / "figures"
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     png = out / f"{name}.png"
-    atomic_write_bytes(png, buffer.getvalue())
-    atomic_write_text(out / f"{name}.json", _json({"name": name, "file": png.name, **(meta or {})}))
+    files = {png: buffer.getvalue(),
+             out / f"{name}.json": _json({"name": name, "file": png.name, **(meta or {})}).encode("utf-8")}
     if arrays:
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
-        atomic_write_bytes(out / f"{name}.npz", buf.getvalue())
+        files[out / f"{name}.npz"] = buf.getvalue()
+    atomic_write_many(files)
+    if not arrays:
+        (out / f"{name}.npz").unlink(missing_ok=True)
     return png
 
 
@@ -116,10 +124,10 @@ def save_table(rows: Sequence[dict[str, Any]], name: str, profile: str, meta: di
     md = markdown_table(rows, columns)
     if caption:
         md += f"\n{caption}\n"
-    atomic_write_text(out / f"{name}.md", md)
     path = out / f"{name}.json"
-    atomic_write_text(path, _json({"name": name, "columns": columns, "rows": list(rows), "caption": caption,
-                                   **(meta or {})}))
+    atomic_write_many({out / f"{name}.md": md.encode("utf-8"),
+                       path: _json({"name": name, "columns": columns, "rows": list(rows), "caption": caption,
+                                    **(meta or {})}).encode("utf-8")})
     return path
 
 
@@ -222,6 +230,8 @@ def curves_grid(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[floa
                 styles: dict[str, dict] | None = None, panel_size: tuple[float, float] = (4.0, 2.9)):
     """A grid of line plots ``{panel title: {series label: (xs, ys)}}``; ``hlines`` draws a dashed reference
     (e.g. chance) in the panels it names; ``styles`` gives matplotlib kwargs per series label."""
+    from matplotlib.ticker import MaxNLocator
+
     n = len(panels)
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
@@ -237,6 +247,7 @@ def curves_grid(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[floa
             ax.axhline(hlines[panel_title], color="grey", linestyle="--", linewidth=1)
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
