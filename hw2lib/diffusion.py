@@ -124,6 +124,9 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | N
     gen = torch.Generator().manual_seed(cfg.seed)
     step, history, seconds, resumed_from = 0, [], 0.0, 0
     config = as_dict(cfg)
+    if ckpt_path is not None and Path(ckpt_path).parent.is_dir():  # leftovers of a save killed mid-write
+        for stale in Path(ckpt_path).parent.glob(f".{Path(ckpt_path).name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     if ckpt_path is not None and Path(ckpt_path).is_file():
         state = checkpoint.load(ckpt_path, expect_config=config, keys=model_keys(part))
         checkpoint.load_state_dict_strict(model, state["model"], ckpt_path)
