@@ -109,9 +109,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
-        return str(v)
+        return str(v).replace("|", "\\|")
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines = ["| " + " | ".join(fmt(c) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
