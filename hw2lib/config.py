@@ -57,6 +57,7 @@ class DDPMConfig:
     n_per_digit: int = 100
     sweep_per_digit: int = 20
     sample_batch: int = 500
+    autocast: str = "none"  # none | bf16: the network's forward under bfloat16 autocast while sampling
     evaluator_epochs: int = 3
     evaluator_max_train: int | None = None  # cap on the evaluator's training images (None: all)
     interactive: bool = False
@@ -70,8 +71,9 @@ class DDIMConfig:
     device: str = "auto"
     data_root: str | None = None
     data_source: str = "auto"
-    model: str = "faces"  # faces | digits
-    # the offline face model
+    model: str = "faces"  # faces (the offline face DDPM) | digits (the DDPM digit model) | course (face/UNet.pt)
+    digit: int = -1  # model="digits": the digit label bound to the model; -1 = the null label (unconditional)
+    # the offline face model: an unconditional UNet trained on the 100 offline LFW faces
     image_size: int = 32
     base_channels: int = 32
     channel_mults: tuple = (1, 2, 2, 2)
@@ -80,17 +82,22 @@ class DDIMConfig:
     timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 2e-2
-    train_steps: int = 4000
-    batch_size: int = 64
+    train_steps: int = 3000
+    batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 200
     ema_decay: float = 0.995
     min_snr_gamma: float | None = 5.0
     checkpoint_every: int = 250
-    train: bool = False
+    train: bool = False  # True: train (or resume) the face model instead of using the shipped weights
     # sampling
-    steps: int = 50
-    convention: str = "auto"  # auto | ermon | plus-one
+    steps: int = 50  # DDIM steps of the figures (the course's MSE check always uses 50)
+    widget_steps: int = 20  # DDIM steps of the interactive explorers (a slider change redraws in <= 2 s on 2 cores)
+    convention: str = "auto"  # auto (lowest MSE vs the course GT when present, else ermon) | ermon | plus-one
+    clip_x0: bool | None = True  # eta sweep and slider: clip the predicted x_0 to [-1, 1] at each step;
+    # None: as the convention does (plus-one clips, ermon does not); the course MSE check always uses the latter
+    interpolation_clip_x0: bool | None = None  # the same for the interpolation figure and slider (None: unclipped
+    # with ermon, so that the clip does not mask where the interpolated x_T lies)
     etas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     n_noises: int = 4
     alphas: tuple = tuple(round(0.1 * i, 1) for i in range(11))
@@ -113,7 +120,8 @@ class DANNConfig:
     lr: float = 1e-3  # annealed as lr / (1 + 10 p) ** 0.75 when lr_anneal
     lr_anneal: bool = True
     weight_decay: float = 0.0
-    gamma: float = 10.0  # lambda = 2 / (1 + exp(-gamma p)) - 1
+    gamma: float = 10.0  # lambda = lambda_max * (2 / (1 + exp(-gamma p)) - 1)
+    lambda_max: float = 1.0  # 1: the paper's schedule; < 1 weakens the reversal throughout
     conv_channels: tuple = (32, 48)  # feature extractor: 5x5 convs (the paper's MNIST net); 3+ convs are padded
     batch_norm: bool = False
     hidden: int = 100  # width of the label / domain classifier layers
@@ -144,14 +152,15 @@ PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "ddim": {
         "smoke": dict(image_size=16, base_channels=8, channel_mults=(1, 2), attn_resolutions=(8,), time_dim=32,
                       train_steps=6, batch_size=8, checkpoint_every=3, warmup_steps=2, train=True,
-                      steps=3, n_noises=2, alphas=(0.0, 0.5, 1.0), etas=(0.0, 1.0)),
+                      steps=3, widget_steps=2, n_noises=2, alphas=(0.0, 0.5, 1.0), etas=(0.0, 1.0)),
         "quick": dict(),
-        "full": dict(data_source="course", model="course", steps=50),
+        "full": dict(data_source="course", model="course", steps=50, clip_x0=None),
     },
     "dann": {
         "smoke": dict(epochs=1, batch_size=32, max_train=256, max_eval=128, tsne_points=60),
         "quick": dict(max_train=10000),
-        "full": dict(data_source="course", epochs=30, batch_size=256),
+        "full": dict(data_source="course", epochs=30, batch_size=256, conv_channels=(64, 128, 256), batch_norm=True,
+                     hidden=512, tsne_points=2000, pad_points=2000),
     },
 }
 

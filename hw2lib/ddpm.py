@@ -86,12 +86,20 @@ def generate(model, labels: torch.Tensor, cfg, w: float, seed: int, device, call
             if callback is not None:
                 callback(b, i, t, x)
 
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(cfg, device):
             x0 = samplers.sample(samplers.guided(model, lab.to(device), w), x_T, schedule, cfg.sampler,
                                  cfg.sample_steps, cfg.eta, "ermon", generator=noise_gen, callback=step_cb)
         out.append(x0.clamp(-1, 1).cpu())
     bar.close()
     return torch.cat(out), time.perf_counter() - start
+
+
+def autocast(cfg, device):
+    """bfloat16 autocast of the network's forward when ``cfg.autocast == "bf16"`` (the sampler's
+    arithmetic stays float32: the model output is cast back by the guidance combination)."""
+    if cfg.autocast not in ("none", "bf16"):
+        raise ValueError(f"autocast must be 'none' or 'bf16', got {cfg.autocast!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
 
 
 def digit_labels(n_per_digit: int) -> torch.Tensor:

@@ -30,8 +30,8 @@ def guided(model: torch.nn.Module, labels: torch.Tensor, w: float = 0.0) -> EpsM
 
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if w == 0:
-            return model(x, t, labels)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+            return model(x, t, labels).to(x.dtype)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).to(x.dtype)
         cond, uncond = out.chunk(2)
         return (1.0 + w) * cond - w * uncond
 

@@ -191,3 +191,19 @@ def test_interrupted_folder_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ddpm.write_course_folder(np.zeros((10, 28, 28, 3), np.uint8), np.arange(10), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_autocast_sampling_stays_float32_and_close():
+    torch.manual_seed(0)
+    net = tiny_unet().eval()
+    for p in net.out[-1].parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    labels = torch.arange(4)
+    cfg32 = _smoke_cfg(sample_steps=3)
+    cfg16 = _smoke_cfg(sample_steps=3, autocast="bf16")
+    a, _ = ddpm.generate(net, labels, cfg32, 2.0, 0, "cpu", progress=False)
+    b, _ = ddpm.generate(net, labels, cfg16, 2.0, 0, "cpu", progress=False)
+    assert a.dtype == b.dtype == torch.float32
+    assert float((a - b).abs().mean()) < 0.05
+    with pytest.raises(ValueError, match="autocast"):
+        ddpm.generate(net, labels, _smoke_cfg(autocast="fp8"), 2.0, 0, "cpu", progress=False)
