@@ -191,8 +191,25 @@ def run(profile: str = "quick", only: Iterable[str] | None = None, params: dict[
             os.environ.pop("HW2_RUNS", None)
         else:
             os.environ["HW2_RUNS"] = old_env
+    _record_times(run_dir, result)
     if publish:
         from . import report
 
         report.publish(profile, run_dir=run_dir, report_path=report_path, figures_dir=figures_dir)
     return result
+
+
+def _record_times(run_dir: Path, result: RunResult) -> None:
+    """``run_dir/pipeline.json``: seconds per notebook of the newest run (merged with earlier ``--only`` runs)."""
+    import json
+
+    from .checkpoint import atomic_write_text
+
+    path = run_dir / "pipeline.json"
+    try:
+        times = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        times = {}
+    for nb in result.notebooks:
+        times[nb.name] = round(nb.seconds, 1)
+    atomic_write_text(path, json.dumps(times, indent=2, sort_keys=True) + "\n")

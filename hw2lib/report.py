@@ -6,7 +6,8 @@
     <!-- hw2:provenance -->  ...  <!-- /hw2:provenance --> # per part: profile, data, device, seconds, commit, date
 
 ``rebuild`` rewrites only those blocks, and copies the run's figures into
-``figures/``.  Everything is checked before anything is written: a block or a figure
+``figures/`` and its tables into ``figures/tables/`` (so that every number in the
+committed report has its committed artefact).  Everything is checked before anything is written: a block or a figure
 link whose artefact the run lacks is an error naming it, and ``report.md`` and
 ``figures/`` stay as they were.  Running it twice changes nothing.
 """
@@ -56,7 +57,13 @@ def provenance_block(run_dir: Path) -> str:
                 row[key] = meta[key]
         if meta.get("notebook_seconds") is not None:
             row["seconds"] = max(row["seconds"], float(meta["notebook_seconds"]))
-    lines = ["| part | profile | data | device | model / weights | seed | seconds | commit | date |",
+    times_path = run_dir / "pipeline.json"
+    if times_path.is_file():
+        for notebook, seconds in json.loads(times_path.read_text()).items():
+            part = notebook.split("_", 1)[-1]
+            if part in parts:
+                parts[part]["seconds"] = float(seconds)
+    lines = ["| part | profile | data | device | model / weights | seed | notebook seconds | commit | date |",
              "|---|---|---|---|---|---|---|---|---|"]
     for part, row in sorted(parts.items()):
         lines.append("| " + " | ".join(str(x) for x in (
@@ -97,8 +104,11 @@ def rebuild(profile: str = "quick", run_dir: Path | None = None, report_path: Pa
     new_text = render(text, run_dir) if text else text
     # figures first (each atomically), then the report text (atomically)
     figures_dir.mkdir(parents=True, exist_ok=True)
-    for src in sorted((run_dir / "figures").glob("*.png")) + sorted((run_dir / "figures").glob("*.json")):
-        dst = figures_dir / src.name
+    copies = [(src, figures_dir / src.name) for pattern in ("*.png", "*.json")
+              for src in sorted((run_dir / "figures").glob(pattern))]
+    copies += [(src, figures_dir / "tables" / src.name) for pattern in ("*.md", "*.json")
+               for src in sorted((run_dir / "tables").glob(pattern))]
+    for src, dst in copies:
         data = src.read_bytes()
         if not dst.is_file() or dst.read_bytes() != data:
             atomic_write_bytes(dst, data)

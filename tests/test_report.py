@@ -32,7 +32,8 @@ def _run(tmp_path, with_grid=True):
     (run / "figures").mkdir()
     (run / "tables" / "ddpm_accuracy.md").write_text("| w | acc |\n|---|---|\n| 2 | 0.97 |\n")
     meta = {"profile": "quick", "data_source": "mnistm (offline)", "device": "cpu (2 threads)", "commit": "abc",
-            "date": "2026-12-04", "seed": 0, "weights": "shipped", "notebook_seconds": 120}
+            "date": "2026-12-04", "seed": 0, "weights": "shipped"}
+    (run / "pipeline.json").write_text(json.dumps({"01_ddpm": 120}))
     (run / "tables" / "ddpm_accuracy.json").write_text(json.dumps({"rows": [{"w": 2, "acc": 0.97}], **meta}))
     if with_grid:
         (run / "figures" / "ddpm_grid.png").write_bytes(b"\x89PNG fake")
