@@ -17,7 +17,8 @@ def train_command(part: str, profile: str, params: dict, max_minutes: float | No
     if threads:
         torch.set_num_threads(threads)
     cfg_part = {"ddpm": "ddpm", "faces": "ddim"}[part]
-    cfg = config.from_params(cfg_part, profile=profile, **{**params, "train": True})
+    forced = {"train": True, **({"model": "faces"} if part == "faces" else {})}  # never re-export the course UNet
+    cfg = config.from_params(cfg_part, profile=profile, **{**params, **forced})
     device = init_distributed(paths.pick_device(cfg.device))
     rank = int(os.environ.get("RANK", "0"))
     paths.seed_everything(cfg.seed)
