@@ -38,7 +38,7 @@ browser:
 		echo "chromium is not available: the e2e test will skip"
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q
 
 bench: $(STAMP)
 	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

@@ -143,7 +143,7 @@ PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
                       train_steps=6, batch_size=16, checkpoint_every=3, warmup_steps=2, train=True,
                       sample_steps=4, n_per_digit=3, sweep_per_digit=1, guidance_sweep=(0.0, 2.0),
                       evaluator_epochs=1, evaluator_max_train=1000, sample_batch=64),
-        "quick": dict(sample_steps=20, autocast="bf16", sweep_per_digit=10),
+        "quick": dict(sample_steps=20, autocast="bf16", sweep_per_digit=10, guidance=3.0),
         "full": dict(data_source="course", base_channels=64, channel_mults=(1, 2, 2), attn_resolutions=(14, 7),
                      time_dim=256, train_steps=30000, batch_size=256, lr=4e-4, warmup_steps=1000,
                      ema_decay=0.9995, train=True, sampler="ddpm", sample_steps=1000, sample_batch=1000,
