@@ -15,10 +15,12 @@ import contextlib
 import io
 import os
 import platform
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 
@@ -234,3 +236,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 Callback = Callable[..., Any]
+
+
+def write_image_folder(images: np.ndarray, names: Sequence[str], out_dir: str | os.PathLike,
+                       overwrite: bool = False) -> Path:
+    """Write ``images`` (uint8 N x H x W x 3) as ``names`` into ``out_dir``, via a temporary folder renamed
+    when complete; a non-empty ``out_dir`` is refused unless ``overwrite``."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    if len(images) != len(names):
+        raise ValueError(f"{len(images)} images but {len(names)} names")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"output {out_dir} exists and is not a folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {out_dir} exists and is not empty; choose another or pass --overwrite")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for img, name in zip(images, names):
+            Image.fromarray(np.ascontiguousarray(img), mode="RGB").save(tmp / name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

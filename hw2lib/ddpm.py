@@ -5,8 +5,6 @@ Notebook ``01_ddpm`` and the command line (``train ddpm``, ``ddpm-generate``) ca
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,26 +162,12 @@ def write_course_folder(images: np.ndarray, labels: np.ndarray, out_dir: str | o
     interrupted run never leaves a half-written folder that looks finished.  An existing
     non-empty ``out_dir`` is refused unless ``overwrite``.
     """
-    from PIL import Image
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {out_dir} exists and is not empty; choose another or pass --overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        counts: dict[int, int] = {}
-        for img, label in zip(images, labels):
-            label = int(label)
-            counts[label] = counts.get(label, 0) + 1
-            Image.fromarray(img).save(tmp / f"{label}_{counts[label]:03d}.png")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    counts: dict[int, int] = {}
+    names = []
+    for label in labels:
+        counts[int(label)] = counts.get(int(label), 0) + 1
+        names.append(f"{int(label)}_{counts[int(label)]:03d}.png")
+    return checkpoint.write_image_folder(images, names, out_dir, overwrite=overwrite)
 
 
 def judge_samples(images: torch.Tensor, labels: torch.Tensor, judges: dict[str, torch.nn.Module]) -> dict[str, Any]:
