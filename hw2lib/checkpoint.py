@@ -128,27 +128,40 @@ def load(path: str | os.PathLike, expect_config: dict[str, Any] | None = None,
          keys: Iterable[str] | None = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely; check its config against ``expect_config`` on ``keys``."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); expected a file written by torch.save")
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # pickle.UnpicklingError, RuntimeError, EOFError, zipfile errors ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise CheckpointError(
-                f"refused to load {path}: it holds Python objects beyond tensors and plain data "
-                f"(an untrusted pickle is never executed) - {reason}"
-            ) from None
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: truncated or not a torch checkpoint ({type(exc).__name__}: {reason})"
-        ) from None
+    data = safe_torch_load(path, "checkpoint", "a file written by torch.save", map_location=map_location)
     if not isinstance(data, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(data).__name__}; expected a dict")
     if expect_config is not None:
         check_config(path, data.get("config"), expect_config, keys)
     return data
+
+
+def safe_torch_load(path: str | os.PathLike, what: str, expected: str = "", error: type[Exception] = CheckpointError,
+                    map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with errors that name the file: missing, empty, a pickle that
+    carries code (refused, never executed), or a corrupt / truncated / foreign file."""
+    import warnings
+
+    path = Path(path)
+    tail = f"; expected {expected}" if expected else ""
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist{tail}")
+    if path.stat().st_size == 0:
+        raise error(f"cannot read {what} {path}: it is empty (0 bytes){tail}")
+    try:
+        with warnings.catch_warnings():  # a plain pickle: torch warns about its protocol before refusing it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError, ...
+        text = str(exc)
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln or "blocked" in ln),
+                      lines[0] if lines else type(exc).__name__)
+        if "GLOBAL" in text or "Unsupported global" in text:  # code the unpickler would have called
+            raise error(f"refused to load {what} {path}: it holds Python objects beyond tensors and plain data; "
+                        f"an untrusted pickle is never executed ({detail}){tail}") from None
+        raise error(f"cannot read {what} {path}: corrupt, truncated or not a torch file ({type(exc).__name__}: "
+                    f"{detail}; nothing in it was executed){tail}") from None
 
 
 def check_config(path, stored: dict[str, Any] | None, expected: dict[str, Any],

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .checkpoint import CheckpointError, load_state_dict_strict
+from .checkpoint import CheckpointError, load_state_dict_strict, safe_torch_load
 
 __all__ = ["FaceUNet", "TimeEmbedding", "load_course_unet"]
 
@@ -246,14 +246,8 @@ def load_course_unet(path: str | os.PathLike, map_location: str | torch.device =
     on the device ``map_location`` names.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"course UNet checkpoint {path} does not exist")
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch.load raises UnpicklingError, RuntimeError, EOFError, ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read course UNet checkpoint {path}: not a torch checkpoint, truncated, or "
-                              f"holding Python objects beyond tensors ({type(exc).__name__}: {reason})") from None
+    data = safe_torch_load(path, "course UNet checkpoint", "the course's UNet.pt state_dict",
+                           map_location=map_location)
     state_dict = _extract_state_dict(data, path)
     if all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}

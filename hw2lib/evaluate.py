@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, load_state_dict_strict
+from .checkpoint import CheckpointError, load_state_dict_strict, safe_torch_load
 
 
 class CourseClassifier(nn.Module):
@@ -52,12 +52,7 @@ def default_grader_path() -> Path | None:
 def load_course_grader(path: str | os.PathLike, device="cpu") -> CourseClassifier:
     """The course grader from ``Classifier.pth`` (a dict with ``state_dict``), on any device."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"course grader {path} does not exist")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read course grader {path}: {type(exc).__name__}: {exc}") from None
+    data = safe_torch_load(path, "course grader", "Classifier.pth: a dict with a state_dict")
     state = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"course grader {path} holds no state_dict")

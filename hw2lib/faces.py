@@ -19,7 +19,6 @@ import io
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -64,24 +63,10 @@ def _expected(size: int) -> str:
 
 def load_noise(path: str | os.PathLike, size: int = NOISE_SIZE) -> torch.Tensor:
     """One noise tensor, float32 (1, 3, size, size); anything else is a ``DataError`` naming the file."""
+    from .checkpoint import safe_torch_load
+
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"noise file {path} does not exist; expected {_expected(size)}")
-    if path.stat().st_size == 0:
-        raise DataError(f"noise file {path} is empty (0 bytes); expected {_expected(size)} saved by torch.save")
-    try:
-        with warnings.catch_warnings():  # a plain pickle: torch warns about its protocol before refusing it
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            x = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError, ...
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln or "blocked" in ln),
-                      lines[0] if lines else type(exc).__name__)
-        if "GLOBAL" in str(exc) or "Unsupported global" in str(exc):
-            raise DataError(f"refused to load noise file {path}: it holds Python objects beyond tensors ({detail}); "
-                            f"an untrusted pickle is never executed; expected {_expected(size)}") from None
-        raise DataError(f"noise file {path} is corrupt or not a plain torch tensor file ({type(exc).__name__}: "
-                        f"{detail}; nothing in it was executed); expected {_expected(size)}") from None
+    x = safe_torch_load(path, "noise file", _expected(size), error=DataError)
     if not isinstance(x, torch.Tensor):
         raise DataError(f"noise file {path} holds a {type(x).__name__}; expected {_expected(size)}")
     if not x.is_floating_point():
