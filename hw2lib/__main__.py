@@ -52,8 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train (or resume) a model and export it to weights/",
                        description="Train or resume the model of PART for PROFILE from its newest checkpoint, then "
-                                   "export its EMA weights to weights/<part>_<profile>.pt with a JSON manifest.")
-    p.add_argument("part", choices=["ddpm", "faces"])
+                                   "export its EMA weights to weights/<part>_<profile>.pt with a JSON manifest "
+                                   "(dann: train the six models into checkpoints/). Runs under torchrun.")
+    p.add_argument("part", choices=["ddpm", "faces", "dann"],
+                   help="ddpm / faces: the diffusion models (exported to weights/); dann: the six DANN models "
+                        "(checkpoints/, read by notebooks/03_dann.ipynb and dann-predict)")
     p.add_argument("--profile", default="quick", choices=["smoke", "quick", "full"])
     p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE", help="config override; repeatable")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")

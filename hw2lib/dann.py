@@ -136,16 +136,16 @@ class DANNModel(nn.Module):
                    hidden=int(get("hidden", 100)), dropout=float(get("dropout", 0.5)),
                    domain_layers=int(get("domain_layers", 1)))
 
-    def forward(self, x: torch.Tensor, lambd: float = 0.0, n_labelled: int | None = None):
+    def forward(self, x: torch.Tensor, lambd: float = 0.0, n_labelled: int | None = None, domain: bool = True):
         """One pass over ``x`` (the concatenated source + target batch).
 
         Returns (class logits of the first ``n_labelled`` rows, domain logits of all rows
-        behind a gradient reversal of strength ``lambd``, features).
+        behind a gradient reversal of strength ``lambd`` (None when ``domain`` is False), features).
         """
         f = self.features(x)
         n = len(x) if n_labelled is None else n_labelled
         class_logits = self.label_classifier(f[:n])
-        domain_logits = self.domain_classifier(grad_reverse(f, lambd)).squeeze(1)
+        domain_logits = self.domain_classifier(grad_reverse(f, lambd)).squeeze(1) if domain else None
         return class_logits, domain_logits, f
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
@@ -318,7 +318,8 @@ def _resume_config(cfg) -> dict[str, Any]:
 
 
 def train(mode: str, cfg, data: dict[str, dict[str, Split]], target: str, device="cpu",
-          ckpt: str | Path | None = None, progress: bool = True, log=print) -> TrainResult:
+          ckpt: str | Path | None = None, progress: bool = True, log=print,
+          stop_after: int | None = None) -> TrainResult:
     """Train one model in ``mode`` (source-only | dann | target-only) for ``cfg.epochs`` epochs.
 
     * source-only: label loss on source batches;
@@ -332,13 +333,25 @@ def train(mode: str, cfg, data: dict[str, dict[str, Split]], target: str, device
     and domain-classifier accuracy (dann only; NaN otherwise), lambda and lr at the end of
     the epoch, accuracy on the target's validation split, seconds.  With ``ckpt`` the state
     is saved after every epoch and a run of the same config resumes from it (a finished one
-    is reused as it is).
+    is reused as it is); ``stop_after`` ends the call after that many epochs (schedules still
+    run to ``cfg.epochs``).
+
+    Under ``torchrun`` (torch.distributed initialised) the model is wrapped in
+    DistributedDataParallel: every rank draws the same global batches of ``cfg.batch_size``
+    and trains on its slice, the history sums over all ranks, and only rank 0 writes the
+    checkpoint, so a run resumes with any number of processes.
     """
     from tqdm.auto import tqdm
 
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
+    from .diffusion import world_info
+
     device = torch.device(device)
+    world, rank = world_info()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    per_rank = cfg.batch_size // world
     seed = int(cfg.seed) + 1000 * MODES.index(mode) + 100 * (list(TARGETS).index(target) if target in TARGETS else 9)
     torch.manual_seed(seed)
     model = DANNModel.from_config(cfg).to(device)
@@ -353,6 +366,9 @@ def train(mode: str, cfg, data: dict[str, dict[str, Split]], target: str, device
     src, tgt, tgt_val = data[cfg.source]["train"], data[target]["train"], data[target]["val"]
     src_loader = Batches(src.x, src.y, cfg.batch_size, seed=seed + 1)
     tgt_loader = Batches(tgt.x, tgt.y, cfg.batch_size, seed=seed + 2)
+    if world > 1 and not (src_loader.drop_last and tgt_loader.drop_last):
+        raise ValueError(f"distributed training needs at least batch_size ({cfg.batch_size}) training images per "
+                         f"domain; {cfg.source} has {len(src)}, {target} has {len(tgt)}")
     steps_per_epoch = {"source-only": len(src_loader), "target-only": len(tgt_loader),
                        "dann": max(len(src_loader), len(tgt_loader))}[mode]
     total_steps = steps_per_epoch * cfg.epochs
@@ -372,17 +388,27 @@ def train(mode: str, cfg, data: dict[str, dict[str, Split]], target: str, device
             checkpoint.set_rng_state(state["rng"])
             history = [dict(h) for h in state["history"]]
             start_epoch, spent = int(state["step"]), float(state.get("seconds", 0.0))
-            log(f"{mode} -> {target}: resumed from {ckpt.name} after epoch {start_epoch}/{cfg.epochs}")
+            if rank == 0:
+                log(f"{mode} -> {target}: resumed from {ckpt.name} after epoch {start_epoch}/{cfg.epochs}")
         except (checkpoint.CheckpointError, KeyError) as exc:
-            log(f"{mode} -> {target}: not resuming from {ckpt} ({exc}); training from scratch")
+            if rank == 0:
+                log(f"{mode} -> {target}: not resuming from {ckpt} ({exc}); training from scratch")
             start_epoch, history = 0, []
     resumed_from = start_epoch
+    net: nn.Module = model
+    if world > 1:  # after a resume: DDP broadcasts rank 0's weights and averages the gradients
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=mode != "dann")  # the bounds skip the domain head
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + int(stop_after))
 
     t0 = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=f"{mode} → {target}",
-               disable=not progress, leave=False)
+               disable=not progress or rank != 0, leave=False)
     step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, end_epoch):
         model.train()
         e0 = time.perf_counter()
         sums = {"label_loss": 0.0, "domain_loss": 0.0}
@@ -400,12 +426,15 @@ def train(mode: str, cfg, data: dict[str, dict[str, Split]], target: str, device
             lr = lr_at(p, cfg.lr, cfg.lr_anneal)
             for g in opt.param_groups:
                 g["lr"] = lr
+            if world > 1:  # every rank drew the same global batch: train on this rank's slice
+                xa, ya = xa[mine], ya[mine]
+                other = (other[0][mine], other[1][mine]) if other is not None else None
             xa, ya = xa.to(device, non_blocking=True), ya.to(device, non_blocking=True)
             if mode == "dann":
                 xb = other[0].to(device, non_blocking=True)
                 x = torch.cat([xa, xb])
                 is_target = torch.cat([torch.zeros(len(xa), device=device), torch.ones(len(xb), device=device)])
-                class_logits, domain_logits, _ = model(x, lambd, n_labelled=len(xa))
+                class_logits, domain_logits, _ = net(x, lambd, n_labelled=len(xa))
                 label_loss = F.cross_entropy(class_logits, ya)
                 domain_loss = F.binary_cross_entropy_with_logits(domain_logits, is_target)
                 loss = label_loss + domain_loss
@@ -414,7 +443,7 @@ def train(mode: str, cfg, data: dict[str, dict[str, Split]], target: str, device
                 n_dom += t
                 sums["domain_loss"] += domain_loss.item() * t
             else:
-                class_logits = model.classify(xa)
+                class_logits, _, _ = net(xa, domain=False)
                 label_loss = F.cross_entropy(class_logits, ya)
                 loss = label_loss
             opt.zero_grad(set_to_none=True)
@@ -425,6 +454,9 @@ def train(mode: str, cfg, data: dict[str, dict[str, Split]], target: str, device
             n_lab += len(ya)
             step += 1
             bar.update(1)
+        if world > 1:  # the history counts every rank's images
+            n_lab, correct_lab, n_dom, correct_dom, sums = _sum_over_ranks(n_lab, correct_lab, n_dom, correct_dom,
+                                                                           sums, device)
         val = evaluate(model, tgt_val.x, tgt_val.y, device)
         row = {
             "epoch": epoch + 1,
@@ -439,7 +471,7 @@ def train(mode: str, cfg, data: dict[str, dict[str, Split]], target: str, device
         }
         history.append(row)
         bar.set_postfix(val=f"{val.value:.3f}", dom=f"{row['domain_acc']:.2f}")
-        if ckpt is not None:
+        if ckpt is not None and rank == 0:  # only rank 0 writes
             checkpoint.save(ckpt, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
                 "loader_rng": [src_loader.generator.get_state(), tgt_loader.generator.get_state()],
@@ -452,6 +484,18 @@ def train(mode: str, cfg, data: dict[str, dict[str, Split]], target: str, device
     return TrainResult(mode, target, model, history, acc, spent + time.perf_counter() - t0, resumed_from)
 
 
+def _sum_over_ranks(n_lab: int, correct_lab: int, n_dom: int, correct_dom: int, sums: dict[str, float], device):
+    """The epoch's counts and loss sums added up over all ranks (all_reduce)."""
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    t = torch.tensor([n_lab, correct_lab, n_dom, correct_dom, *[sums[k] for k in keys]], dtype=torch.float64,
+                     device=device)
+    dist.all_reduce(t)
+    vals = t.tolist()
+    return int(vals[0]), int(vals[1]), int(vals[2]), int(vals[3]), dict(zip(keys, vals[4:], strict=True))
+
+
 def _config_dict(cfg) -> dict[str, Any]:
     from .config import as_dict
 
@@ -461,13 +505,17 @@ def _config_dict(cfg) -> dict[str, Any]:
 def train_all(cfg, data, device="cpu", save: bool = True, progress: bool = True, log=print,
               modes: Iterable[str] = MODES) -> dict[str, dict[str, TrainResult]]:
     """``{target: {mode: TrainResult}}`` for every target of ``cfg`` and every mode."""
+    from .diffusion import world_info
+
     results: dict[str, dict[str, TrainResult]] = {}
+    rank = world_info()[1]
     for target in cfg.targets:
         results[target] = {}
         for mode in modes:
             ckpt = checkpoint_path(target, mode, cfg.profile) if save else None
             r = train(mode, cfg, data, target, device, ckpt=ckpt, progress=progress, log=log)
-            log(f"{TARGET_TITLES.get(target, target)} {MODE_TITLES[mode]:>11}: {r.accuracy}  ({r.seconds:.1f} s)")
+            if rank == 0:
+                log(f"{TARGET_TITLES.get(target, target)} {MODE_TITLES[mode]:>11}: {r.accuracy}  ({r.seconds:.1f} s)")
             results[target][mode] = r
     return results
 

@@ -16,6 +16,8 @@ def train_command(part: str, profile: str, params: dict, max_minutes: float | No
                   threads: int | None = None, evaluate_per_digit: int = 20) -> int:
     if threads:
         torch.set_num_threads(threads)
+    if part == "dann":
+        return train_dann(profile, params)
     cfg_part = {"ddpm": "ddpm", "faces": "ddim"}[part]
     forced = {"train": True, **({"model": "faces"} if part == "faces" else {})}  # never re-export the course UNet
     cfg = config.from_params(cfg_part, profile=profile, **{**params, **forced})
@@ -56,6 +58,36 @@ def train_command(part: str, profile: str, params: dict, max_minutes: float | No
     name = f"{part}_{profile}"
     path = weights.export_weights(name, model, cfg, cfg_part, manifest)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {path.with_suffix('.json').name}")
+    return 0
+
+
+def train_dann(profile: str, params: dict) -> int:
+    """Train (or resume) the six DANN models of ``profile`` into ``checkpoints/``, where notebooks/03_dann.ipynb
+    and ``dann-predict`` find them; under ``torchrun`` every rank trains its slice and rank 0 writes."""
+    import torch.distributed as dist
+
+    from . import dann
+
+    cfg = config.from_params("dann", profile=profile, **params)
+    device = init_distributed(paths.pick_device(cfg.device))
+    rank = int(os.environ.get("RANK", "0"))
+    paths.seed_everything(cfg.seed)
+    if rank != 0 and dist.is_initialized():
+        dist.barrier()  # rank 0 builds the offline data first; the others then read its cache
+    data = dann.load_data(cfg)
+    if rank == 0 and dist.is_initialized():
+        dist.barrier()
+    start = time.perf_counter()
+    results = dann.train_all(cfg, data, device, save=True, progress=True)
+    if rank == 0:
+        rows, columns = dann.accuracy_rows(results)
+        print(" | ".join(columns))
+        for row in rows:
+            print(" | ".join(str(row.get(c, "")) for c in columns))
+        print(f"dann: {time.perf_counter() - start:.0f} s on {paths.describe_device(device)}; checkpoints in "
+              f"{paths.checkpoints_dir()}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

@@ -61,3 +61,71 @@ def test_two_processes_gloo_identical_weights_loss_falls_and_resume_across_n(tmp
     resumed = torch.load(mixed / "rank0.pt", weights_only=True)["model"]
     for k, v in r0["model"].items():
         assert torch.allclose(v, resumed[k], atol=1e-4, rtol=1e-3), k
+
+
+DANN_SCRIPT = textwrap.dedent('''
+    import os, sys, torch, torch.distributed as dist
+    torch.set_num_threads(1)
+    from hw2lib import config, dann
+    out, epochs, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+    rank = int(os.environ.get("RANK", "0"))
+
+    def toy(n, domain, seed):  # class c: a bright square at one of 10 places; the target darker and tinted
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(n) % 10
+        x = torch.full((n, 3, 28, 28), -0.8) + 0.1 * torch.randn(n, 3, 28, 28, generator=g)
+        for i, c in enumerate(y.tolist()):
+            x[i, :, 2 + 12 * (c // 5):8 + 12 * (c // 5), 1 + 5 * (c % 5):7 + 5 * (c % 5)] += 1.5
+        if domain:
+            x = 0.6 * x + 0.3 * torch.randn(n, 3, 28, 28, generator=g)
+            x[:, 0] += 0.4
+        return dann.Split("usps" if domain else "mnistm", "x", x.clamp(-1, 1), y, "toy")
+
+    data = {"mnistm": {"train": toy(192, 0, 1), "val": toy(60, 0, 2)},
+            "usps": {"train": toy(128, 1, 3), "val": toy(60, 1, 4)}}
+    cfg = config.from_params("dann", profile="smoke", targets=("usps",), epochs=epochs, batch_size=32, lr=5e-3,
+                             dropout=0.0)
+    r = dann.train("dann", cfg, data, "usps", ckpt=os.path.join(out, "dann.pt"), progress=False,
+                   log=lambda *a: None, stop_after=stop)
+    torch.save({"model": r.model.state_dict(), "history": r.history}, os.path.join(out, f"rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+''')
+
+
+@pytest.mark.slow
+def test_dann_two_processes_gloo_identical_weights_loss_falls_and_resume_across_n(tmp_path):
+    script = tmp_path / "dann_ddp.py"
+    script.write_text(DANN_SCRIPT)
+
+    def launch(nproc, out, stop):
+        out.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(script), str(out), "4", str(stop)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    two = tmp_path / "two"
+    launch(2, two, 4)
+    r0, r1 = (torch.load(two / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for k, v in r0["model"].items():
+        assert torch.equal(v, r1["model"][k]), k
+    hist = r0["history"]
+    assert len(hist) == 4
+    assert hist[-1]["label_loss"] < 0.7 * hist[0]["label_loss"]
+    # the history counts both ranks' images: 6 steps of 32 source images per epoch (192 / 32)
+    assert hist[0]["label_acc"] * 192 == pytest.approx(round(hist[0]["label_acc"] * 192))
+    assert all(0.0 <= h["domain_acc"] <= 1.0 for h in hist)
+    assert (two / "dann.pt").is_file()
+
+    # 2 processes for 1 epoch, then 1 process to epoch 4 == 2 processes all the way (same global batches)
+    mixed = tmp_path / "mixed"
+    launch(2, mixed, 1)
+    assert [h["epoch"] for h in torch.load(mixed / "rank0.pt", weights_only=True)["history"]] == [1]
+    launch(1, mixed, 4)
+    resumed = torch.load(mixed / "rank0.pt", weights_only=True)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
+    for k, v in r0["model"].items():
+        assert torch.allclose(v, resumed["model"][k], atol=1e-4, rtol=1e-3), k
