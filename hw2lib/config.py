@@ -58,6 +58,8 @@ class DDPMConfig:
     sweep_per_digit: int = 20
     sample_batch: int = 500
     autocast: str = "none"  # none | bf16: the network's forward under bfloat16 autocast while sampling
+    channels_last: bool = False  # sampling: the model (converted in place) and x_t in channels_last memory format
+    compile: bool = False  # sampling: torch.compile the model once, in place (minutes to compile on a CPU)
     evaluator_epochs: int = 3
     evaluator_max_train: int | None = None  # cap on the evaluator's training images (None: all)
     interactive: bool = False
@@ -147,7 +149,7 @@ PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         "full": dict(data_source="course", base_channels=64, channel_mults=(1, 2, 2), attn_resolutions=(14, 7),
                      time_dim=256, train_steps=30000, batch_size=256, lr=4e-4, warmup_steps=1000,
                      ema_decay=0.9995, train=True, sampler="ddpm", sample_steps=1000, sample_batch=1000,
-                     sweep_per_digit=100, evaluator_epochs=10),
+                     sweep_per_digit=100, evaluator_epochs=10, autocast="bf16", channels_last=True),
     },
     "ddim": {
         "smoke": dict(image_size=16, base_channels=8, channel_mults=(1, 2), attn_resolutions=(8,), time_dim=32,

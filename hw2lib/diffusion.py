@@ -45,6 +45,33 @@ def draw_batch(n_images: int, batch_size: int, timesteps: int, image_shape: tupl
     return {"idx": idx, "t": t, "noise": noise, "drop": drop}
 
 
+def stage_data(images: torch.Tensor, labels: torch.Tensor | None, device,
+               max_fraction: float = 0.25) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Where the training loop gathers its batches from.
+
+    The data are in-memory tensors (no loader, so no loader workers): on a CUDA device they are moved to
+    the GPU once when they take at most ``max_fraction`` of its free memory (the digits: 0.56 GB), so a
+    step gathers its batch there; otherwise, and on a CPU, they stay where they are and each gathered
+    batch goes over through pinned memory (``to_device``).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return images, labels
+    free, _ = torch.cuda.mem_get_info(device)
+    size = images.numel() * images.element_size() + (labels.numel() * labels.element_size() if labels is not None
+                                                     else 0)
+    if size > max_fraction * free:
+        return images, labels
+    return images.to(device), (labels.to(device) if labels is not None else None)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a CPU tensor bound for a GPU goes through pinned memory without blocking."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def diffusion_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, labels: torch.Tensor | None,
                    t: torch.Tensor, noise: torch.Tensor, drop: torch.Tensor | None = None,
                    null_label: int | None = None, min_snr_gamma: float | None = None):
@@ -138,6 +165,7 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | N
     total = cfg.train_steps
     end = min(total, stop_after) if stop_after is not None else total
     n = len(images)
+    images, labels = stage_data(images, labels, device)
     start = time.perf_counter()
     running = 0.0
     bar = tqdm(total=total, initial=step, desc=f"training {part}", disable=not progress or world_info()[1] != 0,
@@ -169,11 +197,12 @@ def train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | N
         b = draw_batch(n, cfg.batch_size, schedule.T, tuple(images.shape[1:]), getattr(cfg, "p_uncond", 0.0), gen)
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
         idx = b["idx"][mine]
-        x0 = images[idx].to(device, non_blocking=True)
-        y = labels[idx].to(device) if labels is not None else None
-        drop = b["drop"][mine].to(device) if b["drop"] is not None else None
-        loss = diffusion_loss(net, schedule, x0, y, b["t"][mine].to(device), b["noise"][mine].to(device), drop,
-                              getattr(model, "null_label", None), cfg.min_snr_gamma)
+        x0 = to_device(images[to_device(idx, images.device)], device)
+        y = to_device(labels[to_device(idx, labels.device)], device) if labels is not None else None
+        drop = to_device(b["drop"][mine], device) if b["drop"] is not None else None
+        loss = diffusion_loss(net, schedule, x0, y, to_device(b["t"][mine], device),
+                              to_device(b["noise"][mine], device), drop, getattr(model, "null_label", None),
+                              cfg.min_snr_gamma)
         if world > 1:  # the logged loss and the NaN check see the global batch
             loss_all = loss.detach().clone()
             dist.all_reduce(loss_all)

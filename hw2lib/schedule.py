@@ -7,6 +7,7 @@ as float32 (or the dtype asked for) for the model's arithmetic. Timesteps are
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,10 +46,21 @@ class NoiseSchedule:
         return len(self.betas)
 
     def alpha_bar(self, t: torch.Tensor | int) -> torch.Tensor:
-        """alpha_bar at 0-based ``t``; ``t = -1`` gives 1 (the clean image)."""
+        """alpha_bar at 0-based ``t``; ``t = -1`` gives 1 (the clean image).  On the schedule's device;
+        a Python int indexes without building an index tensor (no host-to-device copy per DDIM step)."""
+        padded = torch.cat([torch.ones(1, dtype=torch.float64, device=self.alpha_bars.device), self.alpha_bars])
+        if isinstance(t, int):
+            return padded[t + 1]
         t = torch.as_tensor(t, dtype=torch.long)
-        padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bars])
         return padded[t + 1]
+
+    def to(self, device) -> "NoiseSchedule":
+        """The same schedule (float64 kept) with its tensors on ``device``, so that a sampler on a GPU
+        gathers from it without a blocking host-to-device copy at every step."""
+        out = copy.copy(self)
+        for name in ("betas", "alphas", "alpha_bars", "alpha_bars_prev", "posterior_variance"):
+            setattr(out, name, getattr(self, name).to(device))
+        return out
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         ab = self.alpha_bar(t)

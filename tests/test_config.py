@@ -56,3 +56,10 @@ def test_as_dict_is_plain():
     d = config.as_dict(config.from_params("ddpm"))
     assert isinstance(d["channel_mults"], list)
     assert set(d) == {f.name for f in dataclasses.fields(config.DDPMConfig)}
+
+
+def test_gpu_fast_path_only_in_full():
+    full, quick, smoke = (config.from_params("ddpm", profile=p) for p in ("full", "quick", "smoke"))
+    assert (full.autocast, full.channels_last, full.compile) == ("bf16", True, False)
+    assert (quick.autocast, quick.channels_last, quick.compile) == ("bf16", False, False)
+    assert (smoke.channels_last, smoke.compile) == (False, False)

@@ -207,3 +207,105 @@ def test_bf16_autocast_sampling_stays_float32_and_close():
     assert float((a - b).abs().mean()) < 0.05
     with pytest.raises(ValueError, match="autocast"):
         ddpm.generate(net, labels, _smoke_cfg(autocast="fp8"), 2.0, 0, "cpu", progress=False)
+
+
+def _noisy_head_unet():
+    torch.manual_seed(0)
+    net = tiny_unet().eval()
+    for p in net.out[-1].parameters():  # the zero-initialised head would make every image the same
+        torch.nn.init.normal_(p, std=0.05)
+    return net
+
+
+def test_channels_last_sampling_gives_the_same_images():
+    import copy
+
+    net = _noisy_head_unet()
+    labels = torch.arange(5)
+    a, _ = ddpm.generate(net, labels, _smoke_cfg(sample_steps=3), 2.0, 0, "cpu", progress=False)
+    cl_net = copy.deepcopy(net)
+    b, _ = ddpm.generate(cl_net, labels, _smoke_cfg(sample_steps=3, channels_last=True), 2.0, 0, "cpu",
+                         progress=False)
+    assert cl_net.inc.weight.is_contiguous(memory_format=torch.channels_last)  # converted in place
+    assert not net.inc.weight.is_contiguous(memory_format=torch.channels_last)
+    assert b.is_contiguous() and b.dtype == torch.float32
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def _forward_batches(net):
+    seen = []
+    net.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    return seen
+
+
+def test_fixed_shapes_pad_the_last_batch_and_keep_the_images():
+    net = _noisy_head_unet()
+    labels = torch.arange(6)
+    cfg = _smoke_cfg(sample_steps=3, sample_batch=4)  # DDIM, eta 0: the images depend on x_T only
+    seen = _forward_batches(net)
+    a, _ = ddpm.generate(net, labels, cfg, 2.0, 0, "cpu", progress=False, fixed_shapes=False)
+    assert sorted(set(seen)) == [4, 8]  # guidance: one forward of 2N; the last batch has N = 2
+    seen.clear()
+    shapes = []
+    b, _ = ddpm.generate(net, labels, cfg, 2.0, 0, "cpu", progress=False, fixed_shapes=True,
+                         callback=lambda batch, i, t, x: shapes.append((batch, len(x))))
+    assert set(seen) == {8}  # every forward of the run: 2 x 4
+    assert b.shape == a.shape == (6, 3, 28, 28)
+    assert set(shapes) == {(0, 4), (1, 2)}  # the callback never sees the padding
+    assert torch.allclose(a, b, atol=1e-5)
+    # DDPM: the first (unpadded) batch is exactly the same; only the padded one draws other noise
+    ddpm_cfg = _smoke_cfg(sample_batch=4, sampler="ddpm", timesteps=20)
+    c, _ = ddpm.generate(net, labels, ddpm_cfg, 2.0, 0, "cpu", progress=False, fixed_shapes=False)
+    d, _ = ddpm.generate(net, labels, ddpm_cfg, 2.0, 0, "cpu", progress=False, fixed_shapes=True)
+    assert torch.equal(c[:4], d[:4]) and c.shape == d.shape
+
+
+def test_compile_option_compiles_once_with_static_shapes(monkeypatch):
+    calls = []
+
+    def fake_compile(fn, **kwargs):  # a real compile takes minutes on this CPU
+        calls.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    net = _noisy_head_unet()
+    labels = torch.arange(6)
+    ref, _ = ddpm.generate(net, labels, _smoke_cfg(sample_steps=2, sample_batch=4), 2.0, 0, "cpu", progress=False)
+    seen = _forward_batches(net)
+    cfg = _smoke_cfg(sample_steps=2, sample_batch=4, compile=True)
+    for _ in range(2):
+        out, _ = ddpm.generate(net, labels, cfg, 2.0, 0, "cpu", progress=False)
+        assert torch.allclose(out, ref, atol=1e-5)
+    assert calls == [{"dynamic": False}]  # compiled once, in place
+    assert set(seen) == {8}  # compiling implies fixed shapes
+
+
+def test_fast_path_options_reject_bad_values():
+    import dataclasses
+
+    with pytest.raises(TypeError, match="channels_last"):
+        config.from_params("ddpm", profile="smoke", channels_last="yes")
+    with pytest.raises(TypeError, match="compile"):
+        config.from_params("ddpm", profile="smoke", compile=1)
+    net = tiny_unet().eval()
+    for bad in (dict(channels_last="yes"), dict(compile=1)):
+        with pytest.raises(TypeError, match="must be a bool"):
+            ddpm.generate(net, torch.arange(2), dataclasses.replace(_smoke_cfg(), **bad), 1.0, 0, "cpu",
+                          progress=False)
+
+
+def test_schedule_on_a_device_and_int_alpha_bar():
+    s = NoiseSchedule.linear()
+    moved = s.to("cpu")
+    assert moved is not s and torch.equal(moved.posterior_variance, s.posterior_variance)
+    assert float(s.alpha_bar(-1)) == 1.0
+    for t in (-1, 0, 500, 999):
+        assert torch.equal(s.alpha_bar(t), s.alpha_bar(torch.tensor(t)))
+    assert torch.equal(s.alpha_bar(torch.tensor([0, 999])), s.alpha_bars[[0, 999]])
+
+
+def test_stage_data_keeps_cpu_tensors_in_place():
+    x, y = _toy_data(8)
+    sx, sy = diffusion.stage_data(x, y, "cpu")
+    assert sx is x and sy is y
+    assert diffusion.to_device(x, torch.device("cpu")) is x
