@@ -43,7 +43,7 @@ SPLITS = ("train", "val", "test")
 SOURCES = ("auto", "course", "torchvision", "offline")
 OFFLINE_SEED = 0
 # bump a domain's number when its offline recipe changes: a cache built by an older recipe is rebuilt
-OFFLINE_VERSIONS = {"mnistm": 1, "svhn": 1, "usps": 1}
+OFFLINE_VERSIONS = {"mnistm": 1, "svhn": 1, "usps": 2}
 
 COURSE_LAYOUT = """expected layout under data_root:
   digits/mnistm/data/*.png  digits/mnistm/train.csv  digits/mnistm/val.csv
@@ -431,19 +431,54 @@ def build_mnistm(seed: int, crops_train: int = 5, crops_val: int = 2, val_fracti
     return splits, info
 
 
-def build_usps(seed: int, val_fraction: float = 0.2):
+def build_usps(seed: int, val_fraction: float = 0.2, copies: int = 5):
+    """USPS-like digits: scikit-learn's UCI handwritten digits (1,797 from 43 writers, 8x8) drawn the way
+    USPS stores its digits - grey strokes filling a 16x16 frame - then resized to 28x28.
+
+    Split by source digit (no digit in both train and val); every digit appears ``copies`` times,
+    each through its own small random affine warp (rotation, scale, shear, shift), so that the
+    target has about USPS's size (7,291 train images) and the domain classifier cannot memorise it.
+    """
     from sklearn.datasets import load_digits
 
     rng = np.random.default_rng([seed, 3])
     d = load_digits()
-    grey = (d.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)  # 8x8, 0..16 -> 0..255
-    images = resize_to_28(grey)
+    grey = (d.images / 16.0 * 255.0).clip(0, 255).astype(np.float32)  # 8x8, 0..16 -> 0..255
     labels = d.target.astype(np.int64)
     tr, va = stratified_split(labels, val_fraction, rng)
-    splits = {"train": (images[tr], labels[tr]), "val": (images[va], labels[va])}
-    info = {"recipe": "UCI handwritten digits (8x8) upsampled to 28x28 grey, stored as 3 equal channels",
-            "digits": "sklearn.datasets.load_digits (1,797)", "packages": _versions("scikit-learn", "numpy", "torch")}
+    splits = {}
+    for split, idx in (("train", tr), ("val", va)):
+        rep = np.repeat(idx, copies)
+        rep = rep[rng.permutation(len(rep))]
+        splits[split] = (warp_usps(grey[rep], rng), labels[rep])
+    info = {"recipe": "UCI handwritten digits (8x8) upsampled to a 16x16 frame, each copy through a random "
+                      "affine warp (rotation +-12 deg, scale 0.85-1.05, shear +-0.15, shift +-1 px at 16x16), "
+                      "resized to 28x28 grey, contrast stretched (25-75% -> 0-100%), stored as 3 equal channels",
+            "digits": "sklearn.datasets.load_digits (1,797), split by source digit",
+            "copies_per_digit": copies, "packages": _versions("scikit-learn", "numpy", "torch")}
     return splits, info
+
+
+def warp_usps(grey8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """float N x 8 x 8 in 0..255 -> uint8 N x 28 x 28 x 3: 16x16 frame, random affine warp, 28x28."""
+    F = torch.nn.functional
+    n = len(grey8)
+    x = torch.from_numpy(np.ascontiguousarray(grey8, dtype=np.float32))[:, None]
+    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    angle = np.deg2rad(rng.uniform(-12, 12, n))
+    scale = rng.uniform(0.85, 1.05, n)
+    shear = rng.uniform(-0.15, 0.15, n)
+    shift = rng.uniform(-1, 1, (n, 2)) * (2 / 16)  # +-1 px in normalised coordinates
+    cos, sin = np.cos(angle), np.sin(angle)
+    # output -> input sampling matrix: (rotation * shear) / scale, plus shift
+    a = np.stack([np.stack([cos, -sin + shear * cos], 1), np.stack([sin, cos + shear * sin], 1)], 1)
+    a = a / scale[:, None, None]
+    theta = torch.from_numpy(np.concatenate([a, shift[:, :, None]], 2).astype(np.float32))
+    grid = F.affine_grid(theta, (n, 1, 16, 16), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+    x = (x - 0.25 * 255) / 0.5  # contrast stretch 25..75% -> 0..100%: crisp strokes with soft edges, as USPS's
+    return x.clamp(0, 255).round().to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def build_svhn(seed: int):

@@ -242,6 +242,23 @@ def test_offline_rebuild_same_seed_same_checksum(data_dir):
         assert json.loads(manifest_path.read_text())["version"] == digits.OFFLINE_VERSIONS["usps"]
 
 
+def test_offline_usps_is_usps_sized_grey_and_split_by_source_digit(data_dir):
+    manifest = digits.build_offline("usps", seed=0)
+    copies = manifest["copies_per_digit"]
+    # 1,797 UCI digits split 80/20 per class, every digit `copies` times, each copy warped differently
+    assert manifest["counts"] == {"train": 1438 * copies, "val": 359 * copies}
+    train = digits.load_domain("usps", "train", source="offline")
+    img = train.images.astype(np.int16)
+    assert np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 0], img[..., 2])  # grey
+    assert np.bincount(train.labels, minlength=10).min() >= 0.9 * len(train) / 10 * 0.9
+    # white strokes on black, filling the frame (USPS-style): dark corners, bright strokes reaching the edges
+    assert img[:, :3, :3, 0].mean() < 30 and img[..., 0].max() == 255
+    rows = (img[..., 0] > 128).any(axis=2)
+    assert rows[:, :6].any(axis=1).mean() > 0.5 and rows[:, -6:].any(axis=1).mean() > 0.5
+    # the warp makes copies of one digit differ: no two training images are identical
+    assert len(np.unique(train.images.reshape(len(train), -1), axis=0)) == len(train)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("domain", ["mnistm", "svhn"])
 def test_offline_rebuild_matches_cached_checksum(domain, tmp_path, monkeypatch):
@@ -252,7 +269,7 @@ def test_offline_rebuild_matches_cached_checksum(domain, tmp_path, monkeypatch):
     assert rebuilt["checksum"] == cached["checksum"] and rebuilt["counts"] == cached["counts"]
 
 
-@pytest.mark.parametrize("domain, min_train", [("mnistm", 10000), ("svhn", 20000), ("usps", 1000)])
+@pytest.mark.parametrize("domain, min_train", [("mnistm", 10000), ("svhn", 20000), ("usps", 7000)])
 def test_offline_domains_shapes_ranges_labels(domain, min_train):
     for split in ("train", "val"):
         ds = digits.load_domain(domain, split, source="offline")
