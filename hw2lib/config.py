@@ -131,6 +131,7 @@ class DANNConfig:
     dropout: float = 0.5  # Dropout2d on the last conv
     max_train: int | None = None  # cap on training images per domain (None: all)
     max_eval: int | None = None
+    spread_seeds: int = 2  # extra seeds for source-only and DANN (seed + 1, ...): the run-to-run spread
     tsne_points: int = 1000  # per domain
     pad_points: int = 1000  # per domain, for the proxy A-distance
     interactive: bool = False
@@ -159,7 +160,7 @@ PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         "full": dict(data_source="course", model="course", steps=50, clip_x0=None),
     },
     "dann": {
-        "smoke": dict(epochs=1, batch_size=32, max_train=256, max_eval=128, tsne_points=60),
+        "smoke": dict(epochs=1, batch_size=32, max_train=256, max_eval=128, tsne_points=60, spread_seeds=1),
         "quick": dict(max_train=10000),
         "full": dict(data_source="course", epochs=30, batch_size=256, conv_channels=(64, 128, 256), batch_norm=True,
                      hidden=512, tsne_points=2000, pad_points=2000),

@@ -303,9 +303,12 @@ def extract_features(model: DANNModel, x: torch.Tensor, device="cpu", batch_size
     return torch.cat(out).numpy()
 
 
-def checkpoint_path(target: str, mode: str, profile: str) -> Path:
+def checkpoint_path(target: str, mode: str, profile: str, seed: int | None = None) -> Path:
     """``checkpoints/dann_<target>_<profile>.pt`` for DANN (what ``dann-predict`` reads);
-    ``dann_<target>_<mode>_<profile>.pt`` for the two bounds."""
+    ``dann_<target>_<mode>_<profile>.pt`` for the two bounds; with ``seed`` (the extra seeds of
+    ``seed_spread``) ``dann_<target>_<mode>_<profile>_seed<seed>.pt``."""
+    if seed is not None:
+        return paths.checkpoints_dir() / f"dann_{target}_{mode}_{profile}_seed{int(seed)}.pt"
     name = f"dann_{target}_{profile}.pt" if mode == "dann" else f"dann_{target}_{mode}_{profile}.pt"
     return paths.checkpoints_dir() / name
 
@@ -518,6 +521,60 @@ def train_all(cfg, data, device="cpu", save: bool = True, progress: bool = True,
                 log(f"{TARGET_TITLES.get(target, target)} {MODE_TITLES[mode]:>11}: {r.accuracy}  ({r.seconds:.1f} s)")
             results[target][mode] = r
     return results
+
+
+def spread_seeds(cfg) -> list[int]:
+    """The extra seeds of ``seed_spread``: cfg.seed + 1 ... cfg.seed + cfg.spread_seeds."""
+    return [int(cfg.seed) + k for k in range(1, int(cfg.spread_seeds) + 1)]
+
+
+def seed_spread(cfg, data, results: dict[str, dict[str, TrainResult]], device="cpu", save: bool = True,
+                progress: bool = True, log=print, modes: Iterable[str] = ("source-only", "dann"),
+                ) -> dict[str, dict[str, dict[int, Accuracy]]]:
+    """Accuracies of ``modes`` for every target over cfg.seed (taken from ``results``) and ``spread_seeds(cfg)``:
+    ``{target: {mode: {seed: Accuracy}}}``.
+
+    One run per setting cannot tell a one-point gain from the spread between seeds (on the offline
+    data source-only alone varies by several points); the extra seeds vary the initialisation and
+    the batch order on the same data.  Each run is checkpointed like the main ones and reused.
+    """
+    from dataclasses import replace
+
+    out: dict[str, dict[str, dict[int, Accuracy]]] = {}
+    for target in cfg.targets:
+        out[target] = {m: {int(cfg.seed): results[target][m].accuracy} for m in modes}
+        for seed in spread_seeds(cfg):
+            cfg_s = replace(cfg, seed=seed)
+            for mode in modes:
+                ckpt = checkpoint_path(target, mode, cfg.profile, seed) if save else None
+                r = train(mode, cfg_s, data, target, device, ckpt=ckpt, progress=progress, log=log)
+                log(f"{TARGET_TITLES.get(target, target)} {MODE_TITLES[mode]:>11} seed {seed}: {r.accuracy}  "
+                    f"({r.seconds:.1f} s)")
+                out[target][mode][seed] = r.accuracy
+    return out
+
+
+def spread_rows(spread: dict[str, dict[str, dict[int, Accuracy]]]) -> tuple[list[dict[str, str]], list[str]]:
+    """Per target: mean ± std over seeds of each mode, DANN − source-only per seed (paired by seed), and in how
+    many seeds DANN is above source-only."""
+    columns = ["pair", "seeds", "source-only mean ± std", "DANN mean ± std", "DANN − source-only per seed",
+               "mean difference", "DANN above"]
+    rows = []
+    for target, per_mode in spread.items():
+        so, da = per_mode["source-only"], per_mode["dann"]
+        seeds = sorted(set(so) & set(da))
+        a = np.array([so[s].value for s in seeds])
+        b = np.array([da[s].value for s in seeds])
+        diff = b - a
+        rows.append({
+            "pair": TARGET_TITLES.get(target, target), "seeds": ", ".join(str(s) for s in seeds),
+            "source-only mean ± std": f"{a.mean():.4f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.4f}",
+            "DANN mean ± std": f"{b.mean():.4f} ± {b.std(ddof=1) if len(b) > 1 else 0.0:.4f}",
+            "DANN − source-only per seed": ", ".join(f"{100 * d:+.1f}" for d in diff),
+            "mean difference": f"{100 * diff.mean():+.1f} points",
+            "DANN above": f"{int((diff > 0).sum())} of {len(seeds)}",
+        })
+    return rows, columns
 
 
 # --------------------------------------------------------------------------- tables
@@ -739,10 +796,12 @@ def sample_grid(data, n: int = 12, seed: int = 0) -> tuple[np.ndarray, list[str]
     return np.concatenate(images), labels
 
 
-def summary(results: dict[str, dict[str, TrainResult]], pad: list[dict[str, Any]] | None = None) -> str:
-    """A few sentences with the numbers: accuracies, gap closed and PAD per target."""
+def summary(results: dict[str, dict[str, TrainResult]], pad: list[dict[str, Any]] | None = None,
+            spread: dict[str, dict[str, dict[int, Accuracy]]] | None = None) -> str:
+    """A few sentences with the numbers: accuracies, gap closed, PAD and the seed spread per target."""
     lines = []
     pad_by = {row["pair"]: row for row in pad or []}
+    spread_by = {row["pair"]: row for row in (spread_rows(spread)[0] if spread else [])}
     for target, per_mode in results.items():
         title = TARGET_TITLES.get(target, target)
         so, da, to = (per_mode[m].accuracy for m in MODES)
@@ -755,6 +814,11 @@ def summary(results: dict[str, dict[str, TrainResult]], pad: list[dict[str, Any]
         if title in pad_by:
             row = pad_by[title]
             text += f" PAD {row['PAD source-only']:.3f} (source-only) vs {row['PAD DANN']:.3f} (DANN)."
+        if title in spread_by and len(spread_by[title]["seeds"].split(",")) > 1:
+            row = spread_by[title]
+            text += (f" Over seeds {row['seeds']}: source-only {row['source-only mean ± std']}, DANN "
+                     f"{row['DANN mean ± std']}, DANN − source-only {row['mean difference']} on average, "
+                     f"DANN above in {row['DANN above']}.")
         lines.append(text)
     return "\n".join(lines)
 
@@ -850,7 +914,7 @@ def main_predict(args) -> int:
 
 __all__ = [
     "MODES", "MODE_TITLES", "TARGETS", "TARGET_TITLES", "Accuracy", "Batches", "DANNModel", "GradReverse", "Split",
-    "TrainResult", "accuracy_rows", "add_cli", "checkpoint_path", "data_source_of", "describe_data",
+    "TrainResult", "accuracy_rows", "add_cli", "checkpoint_path", "seed_spread", "spread_rows", "spread_seeds", "data_source_of", "describe_data",
     "domain_accuracy", "domain_features", "embed_tsne", "evaluate", "extract_features", "gap_closed", "grad_reverse",
     "history_arrays", "infer_target", "lambda_schedule", "load_data", "load_for_prediction", "lr_at", "main_predict",
     "paired", "predict", "proxy_a_distance", "train", "train_all", "write_predictions", "tsne_for_target",

@@ -215,6 +215,47 @@ def test_accuracy_rows_and_gap_closed():
     assert rows[3]["MNIST-M → USPS"] == "50.0%"
 
 
+def test_spread_rows_pair_differences_by_seed():
+    acc = dann.Accuracy
+    spread = {"usps": {"source-only": {0: acc(100, 200), 1: acc(120, 200), 2: acc(110, 200)},
+                       "dann": {0: acc(104, 200), 1: acc(118, 200), 2: acc(116, 200)}}}
+    rows, columns = dann.spread_rows(spread)
+    assert columns[0] == "pair" and len(rows) == 1
+    row = rows[0]
+    assert row["seeds"] == "0, 1, 2"
+    assert row["DANN − source-only per seed"] == "+2.0, -1.0, +3.0"
+    assert row["mean difference"] == "+1.3 points"
+    assert row["DANN above"] == "2 of 3"
+    assert row["source-only mean ± std"] == "0.5500 ± 0.0500"  # 0.50, 0.60, 0.55: sample std 0.05
+
+
+def test_seed_spread_trains_the_extra_seeds_and_reuses_their_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setenv("HW2_CHECKPOINTS", str(tmp_path / "ckpt"))
+    cfg = toy_cfg(epochs=1, spread_seeds=2, seed=5)
+    data = toy_data()
+    results = {"usps": {m: dann.train(m, cfg, data, "usps", progress=False, log=lambda *a: None)
+                        for m in ("source-only", "dann")}}
+    assert dann.spread_seeds(cfg) == [6, 7]
+    spread = dann.seed_spread(cfg, data, results, save=True, progress=False, log=lambda *a: None)
+    assert set(spread["usps"]) == {"source-only", "dann"}
+    assert sorted(spread["usps"]["dann"]) == [5, 6, 7]
+    assert spread["usps"]["dann"][5] is results["usps"]["dann"].accuracy  # the main run is not trained again
+    assert all(a.total == 60 for by_seed in spread["usps"].values() for a in by_seed.values())
+    for seed in (6, 7):
+        for mode in ("source-only", "dann"):
+            path = dann.checkpoint_path("usps", mode, "smoke", seed)
+            assert path.is_file() and path.name == f"dann_usps_{mode}_smoke_seed{seed}.pt"
+    # a second call reuses the checkpoints: same accuracies, no training
+    calls = []
+    again = dann.seed_spread(cfg, data, results, progress=False, log=calls.append)
+    assert {m: {s: str(a) for s, a in v.items()} for m, v in again["usps"].items()} == \
+        {m: {s: str(a) for s, a in v.items()} for m, v in spread["usps"].items()}
+    assert any("resumed" in line for line in calls)
+    results["usps"]["target-only"] = dann.train("target-only", cfg, data, "usps", progress=False,
+                                                log=lambda *a: None)
+    assert "Over seeds 5, 6, 7" in dann.summary(results, None, spread)
+
+
 def test_proxy_a_distance_extremes():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(300, 8))
