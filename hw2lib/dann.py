@@ -914,7 +914,8 @@ def main_predict(args) -> int:
 
 __all__ = [
     "MODES", "MODE_TITLES", "TARGETS", "TARGET_TITLES", "Accuracy", "Batches", "DANNModel", "GradReverse", "Split",
-    "TrainResult", "accuracy_rows", "add_cli", "checkpoint_path", "seed_spread", "spread_rows", "spread_seeds", "data_source_of", "describe_data",
+    "TrainResult", "accuracy_rows", "add_cli", "checkpoint_path", "seed_spread", "spread_rows", "spread_seeds",
+    "data_source_of", "describe_data",
     "domain_accuracy", "domain_features", "embed_tsne", "evaluate", "extract_features", "gap_closed", "grad_reverse",
     "history_arrays", "infer_target", "lambda_schedule", "load_data", "load_for_prediction", "lr_at", "main_predict",
     "paired", "predict", "proxy_a_distance", "train", "train_all", "write_predictions", "tsne_for_target",

@@ -16,7 +16,9 @@
     colour photographs scikit-image ships; several crops per digit, split by source
     digit so that no MNIST digit is in both train and val.
   - ``svhn``: SynDigits-style rendered street numbers (see ``synth.py``).
-  - ``usps``: scikit-learn's UCI digits (8x8), upsampled to 28x28 grey.
+  - ``usps``: scikit-learn's UCI digits (8x8, 43 writers) drawn USPS-style - grey strokes
+    filling a 16x16 frame - five randomly warped copies of each, resized to 28x28; split by
+    source digit (7,190 train / 1,795 val, about USPS's 7,291 / 2,007).
 
 ``load_domain`` is the one public entry; every dataset names its ``source`` and
 carries its ``manifest`` (counts, seed, packages, checksum).
