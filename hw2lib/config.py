@@ -129,6 +129,7 @@ class DANNConfig:
     hidden: int = 100  # width of the label / domain classifier layers
     domain_layers: int = 2  # hidden layers of the domain classifier
     dropout: float = 0.5  # Dropout2d on the last conv
+    ema_decay: float = 0.0  # > 0: evaluate, save and predict with an exponential moving average of the weights
     max_train: int | None = None  # cap on training images per domain (None: all)
     max_eval: int | None = None
     spread_seeds: int = 2  # extra seeds for source-only and DANN (seed + 1, ...): the run-to-run spread

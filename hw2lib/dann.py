@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
@@ -40,7 +41,8 @@ MODE_TITLES = {"source-only": "source-only", "dann": "DANN", "target-only": "tar
 
 # Config keys a resumed or reused checkpoint must share with the run that wants it.
 RESUME_KEYS = ("source", "seed", "epochs", "batch_size", "optimizer", "lr", "lr_anneal", "weight_decay", "gamma",
-               "lambda_max", "max_train", "conv_channels", "batch_norm", "hidden", "domain_layers", "dropout")
+               "lambda_max", "max_train", "conv_channels", "batch_norm", "hidden", "domain_layers", "dropout",
+               "ema_decay")
 
 
 # Beyond the config: what a checkpoint's run was (mode, target and the data it was trained on).
@@ -358,6 +360,11 @@ def train(mode: str, cfg, data: dict[str, dict[str, Split]], target: str, device
     seed = int(cfg.seed) + 1000 * MODES.index(mode) + 100 * (list(TARGETS).index(target) if target in TARGETS else 9)
     torch.manual_seed(seed)
     model = DANNModel.from_config(cfg).to(device)
+    ema_decay = float(getattr(cfg, "ema_decay", 0.0) or 0.0)
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+    # the evaluated (and returned, saved, predicted-with) model: an exponential moving average of the weights
+    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay > 0 else model
     params = list(model.parameters())
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
@@ -384,7 +391,9 @@ def train(mode: str, cfg, data: dict[str, dict[str, Split]], target: str, device
     if ckpt is not None and ckpt.is_file():
         try:
             state = checkpoint.load(ckpt, expect_config=expect, keys=list(expect))
-            checkpoint.load_state_dict_strict(model, state["model"], ckpt)
+            checkpoint.load_state_dict_strict(model, state.get("train_model", state["model"]), ckpt)
+            if ema is not model:
+                checkpoint.load_state_dict_strict(ema, state["model"], ckpt)
             opt.load_state_dict(state["optimizer"])
             src_loader.generator.set_state(state["loader_rng"][0])
             tgt_loader.generator.set_state(state["loader_rng"][1])
@@ -452,6 +461,8 @@ def train(mode: str, cfg, data: dict[str, dict[str, Split]], target: str, device
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not model:
+                _ema_update(ema, model, ema_decay)
             sums["label_loss"] += label_loss.item() * len(ya)
             correct_lab += int((class_logits.detach().argmax(1) == ya).sum())
             n_lab += len(ya)
@@ -460,7 +471,7 @@ def train(mode: str, cfg, data: dict[str, dict[str, Split]], target: str, device
         if world > 1:  # the history counts every rank's images
             n_lab, correct_lab, n_dom, correct_dom, sums = _sum_over_ranks(n_lab, correct_lab, n_dom, correct_dom,
                                                                            sums, device)
-        val = evaluate(model, tgt_val.x, tgt_val.y, device)
+        val = evaluate(ema, tgt_val.x, tgt_val.y, device)
         row = {
             "epoch": epoch + 1,
             "label_loss": sums["label_loss"] / max(n_lab, 1),
@@ -476,15 +487,29 @@ def train(mode: str, cfg, data: dict[str, dict[str, Split]], target: str, device
         bar.set_postfix(val=f"{val.value:.3f}", dom=f"{row['domain_acc']:.2f}")
         if ckpt is not None and rank == 0:  # only rank 0 writes
             checkpoint.save(ckpt, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
+                "model": ema.state_dict(), "optimizer": opt.state_dict(), "history": history,
+                **({"train_model": model.state_dict()} if ema is not model else {}),
                 "loader_rng": [src_loader.generator.get_state(), tgt_loader.generator.get_state()],
                 "rng": checkpoint.rng_state(), "seconds": spent + time.perf_counter() - t0,
                 "val_accuracy": val.as_dict(), "mode": mode, "target": target,
             }, config={**_config_dict(cfg), **{k: expect[k] for k in RUN_KEYS}}, step=epoch + 1)
     bar.close()
-    model.eval()
-    acc = evaluate(model, tgt_val.x, tgt_val.y, device)
-    return TrainResult(mode, target, model, history, acc, spent + time.perf_counter() - t0, resumed_from)
+    ema.eval()
+    acc = evaluate(ema, tgt_val.x, tgt_val.y, device)
+    return TrainResult(mode, target, ema, history, acc, spent + time.perf_counter() - t0, resumed_from)
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for the weights and BatchNorm's running statistics (counters
+    are copied)."""
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+        if e.is_floating_point():
+            e.lerp_(b, 1.0 - decay)
+        else:
+            e.copy_(b)
 
 
 def _sum_over_ranks(n_lab: int, correct_lab: int, n_dom: int, correct_dom: int, sums: dict[str, float], device):

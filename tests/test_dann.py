@@ -201,6 +201,34 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
     assert other.resumed_from_epoch == 0  # another config starts fresh
 
 
+def test_ema_weights_are_evaluated_saved_and_resumed(tmp_path):
+    data = toy_data(n_src=96, n_tgt=64, n_val=30)
+    ckpt = tmp_path / "dann_usps_smoke.pt"
+    cfg = toy_cfg(epochs=2, ema_decay=0.9, batch_norm=True)
+    r = dann.train("dann", cfg, data, "usps", ckpt=ckpt, progress=False, log=lambda *a: None)
+    state = checkpoint.load(ckpt)
+    raw, averaged = state["train_model"], state["model"]
+    assert set(raw) == set(averaged)
+    # the returned model is the average: its weights and BatchNorm statistics, not the last step's
+    assert all(torch.equal(v, averaged[k]) for k, v in r.model.state_dict().items())
+    assert not all(torch.equal(raw[k], averaged[k]) for k in raw if raw[k].is_floating_point())
+    assert str(r.accuracy) == str(dann.evaluate(r.model, data["usps"]["val"].x, data["usps"]["val"].y))
+    # dann-predict's loader reads the averaged weights; a rerun reuses the checkpoint unchanged
+    model, _ = dann.load_for_prediction(ckpt, "usps")
+    assert all(torch.equal(v, averaged[k]) for k, v in model.state_dict().items())
+    again = dann.train("dann", cfg, data, "usps", ckpt=ckpt, progress=False, log=lambda *a: None)
+    assert again.resumed_from_epoch == 2 and str(again.accuracy) == str(r.accuracy)
+    # resuming after epoch 1 continues the average as it was: the same as one uninterrupted run
+    ckpt2 = tmp_path / "interrupted.pt"
+    dann.train("dann", cfg, data, "usps", ckpt=ckpt2, progress=False, log=lambda *a: None, stop_after=1)
+    resumed = dann.train("dann", cfg, data, "usps", ckpt=ckpt2, progress=False, log=lambda *a: None)
+    assert resumed.resumed_from_epoch == 1
+    for k, v in r.model.state_dict().items():
+        assert torch.allclose(v.float(), resumed.model.state_dict()[k].float(), atol=1e-5), k
+    with pytest.raises(ValueError, match="ema_decay"):
+        dann.train("dann", toy_cfg(epochs=1, ema_decay=1.0), data, "usps", progress=False, log=lambda *a: None)
+
+
 def test_accuracy_rows_and_gap_closed():
     def r(mode, correct):
         return dann.TrainResult(mode, "usps", None, [], dann.Accuracy(correct, 200))
