@@ -162,7 +162,8 @@ PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "dann": {
         "smoke": dict(epochs=1, batch_size=32, max_train=256, max_eval=128, tsne_points=60, spread_seeds=1),
-        "quick": dict(max_train=10000),
+        # batch_norm and lambda_max 0.5: measured over 3 seeds on the offline data (notebook 03, note of issue #6)
+        "quick": dict(max_train=10000, batch_norm=True, lambda_max=0.5),
         "full": dict(data_source="course", epochs=30, batch_size=256, conv_channels=(64, 128, 256), batch_norm=True,
                      hidden=512, tsne_points=2000, pad_points=2000),
     },
