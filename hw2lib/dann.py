@@ -579,11 +579,13 @@ def seed_spread(cfg, data, results: dict[str, dict[str, TrainResult]], device="c
     return out
 
 
-def spread_rows(spread: dict[str, dict[str, dict[int, Accuracy]]]) -> tuple[list[dict[str, str]], list[str]]:
-    """Per target: mean ± std over seeds of each mode, DANN − source-only per seed (paired by seed), and in how
-    many seeds DANN is above source-only."""
+def spread_rows(spread: dict[str, dict[str, dict[int, Accuracy]]],
+                results: dict[str, dict[str, TrainResult]] | None = None) -> tuple[list[dict[str, str]], list[str]]:
+    """Per target: mean ± std over seeds of each mode, DANN − source-only per seed (paired by seed), in how
+    many seeds DANN is above source-only, and (with ``results``, for the target-only bound) the share of the
+    source-only → target-only gap the mean DANN closes."""
     columns = ["pair", "seeds", "source-only mean ± std", "DANN mean ± std", "DANN − source-only per seed",
-               "mean difference", "DANN above"]
+               "mean difference", "DANN above"] + (["gap closed (means)"] if results else [])
     rows = []
     for target, per_mode in spread.items():
         so, da = per_mode["source-only"], per_mode["dann"]
@@ -599,6 +601,10 @@ def spread_rows(spread: dict[str, dict[str, dict[int, Accuracy]]]) -> tuple[list
             "mean difference": f"{100 * diff.mean():+.1f} points",
             "DANN above": f"{int((diff > 0).sum())} of {len(seeds)}",
         })
+        if results and "target-only" in results.get(target, {}):
+            hi = results[target]["target-only"].accuracy.value
+            rows[-1]["gap closed (means)"] = f"{(b.mean() - a.mean()) / (hi - a.mean()):.1%}" if hi > a.mean() \
+                else "n/a (no gap)"
     return rows, columns
 
 
@@ -826,7 +832,7 @@ def summary(results: dict[str, dict[str, TrainResult]], pad: list[dict[str, Any]
     """A few sentences with the numbers: accuracies, gap closed, PAD and the seed spread per target."""
     lines = []
     pad_by = {row["pair"]: row for row in pad or []}
-    spread_by = {row["pair"]: row for row in (spread_rows(spread)[0] if spread else [])}
+    spread_by = {row["pair"]: row for row in (spread_rows(spread, results)[0] if spread else [])}
     for target, per_mode in results.items():
         title = TARGET_TITLES.get(target, target)
         so, da, to = (per_mode[m].accuracy for m in MODES)
@@ -843,7 +849,8 @@ def summary(results: dict[str, dict[str, TrainResult]], pad: list[dict[str, Any]
             row = spread_by[title]
             text += (f" Over seeds {row['seeds']}: source-only {row['source-only mean ± std']}, DANN "
                      f"{row['DANN mean ± std']}, DANN − source-only {row['mean difference']} on average, "
-                     f"DANN above in {row['DANN above']}.")
+                     f"DANN above in {row['DANN above']}"
+                     + (f", closing {row['gap closed (means)']} of the gap." if "gap closed (means)" in row else "."))
         lines.append(text)
     return "\n".join(lines)
 

@@ -255,6 +255,11 @@ def test_spread_rows_pair_differences_by_seed():
     assert row["mean difference"] == "+1.3 points"
     assert row["DANN above"] == "2 of 3"
     assert row["source-only mean ± std"] == "0.5500 ± 0.0500"  # 0.50, 0.60, 0.55: sample std 0.05
+    assert "gap closed (means)" not in columns
+    bound = {"usps": {"target-only": dann.TrainResult("target-only", "usps", None, [], acc(190, 200))}}
+    rows, columns = dann.spread_rows(spread, bound)
+    assert columns[-1] == "gap closed (means)"
+    assert rows[0]["gap closed (means)"] == "3.3%"  # (0.5633 - 0.55) / (0.95 - 0.55)
 
 
 def test_seed_spread_trains_the_extra_seeds_and_reuses_their_checkpoints(tmp_path, monkeypatch):
