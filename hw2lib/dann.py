@@ -531,8 +531,9 @@ def _config_dict(cfg) -> dict[str, Any]:
 
 
 def train_all(cfg, data, device="cpu", save: bool = True, progress: bool = True, log=print,
-              modes: Iterable[str] = MODES) -> dict[str, dict[str, TrainResult]]:
-    """``{target: {mode: TrainResult}}`` for every target of ``cfg`` and every mode."""
+              modes: Iterable[str] = MODES, seed_in_name: bool = False) -> dict[str, dict[str, TrainResult]]:
+    """``{target: {mode: TrainResult}}`` for every target of ``cfg`` and every mode; each run checkpointed
+    (``seed_in_name``: under the seed's own name, as ``seed_spread``'s extra runs are)."""
     from .diffusion import world_info
 
     results: dict[str, dict[str, TrainResult]] = {}
@@ -540,10 +541,11 @@ def train_all(cfg, data, device="cpu", save: bool = True, progress: bool = True,
     for target in cfg.targets:
         results[target] = {}
         for mode in modes:
-            ckpt = checkpoint_path(target, mode, cfg.profile) if save else None
+            ckpt = checkpoint_path(target, mode, cfg.profile, cfg.seed if seed_in_name else None) if save else None
             r = train(mode, cfg, data, target, device, ckpt=ckpt, progress=progress, log=log)
             if rank == 0:
-                log(f"{TARGET_TITLES.get(target, target)} {MODE_TITLES[mode]:>11}: {r.accuracy}  ({r.seconds:.1f} s)")
+                log(f"{TARGET_TITLES.get(target, target)} {MODE_TITLES[mode]:>11}"
+                    f"{f' seed {cfg.seed}' if seed_in_name else ''}: {r.accuracy}  ({r.seconds:.1f} s)")
             results[target][mode] = r
     return results
 
@@ -565,16 +567,12 @@ def seed_spread(cfg, data, results: dict[str, dict[str, TrainResult]], device="c
     """
     from dataclasses import replace
 
-    out: dict[str, dict[str, dict[int, Accuracy]]] = {}
-    for target in cfg.targets:
-        out[target] = {m: {int(cfg.seed): results[target][m].accuracy} for m in modes}
-        for seed in spread_seeds(cfg):
-            cfg_s = replace(cfg, seed=seed)
-            for mode in modes:
-                ckpt = checkpoint_path(target, mode, cfg.profile, seed) if save else None
-                r = train(mode, cfg_s, data, target, device, ckpt=ckpt, progress=progress, log=log)
-                log(f"{TARGET_TITLES.get(target, target)} {MODE_TITLES[mode]:>11} seed {seed}: {r.accuracy}  "
-                    f"({r.seconds:.1f} s)")
+    modes = tuple(modes)
+    out = {t: {m: {int(cfg.seed): results[t][m].accuracy} for m in modes} for t in cfg.targets}
+    for seed in spread_seeds(cfg):
+        extra = train_all(replace(cfg, seed=seed), data, device, save, progress, log, modes, seed_in_name=True)
+        for target, per_mode in extra.items():
+            for mode, r in per_mode.items():
                 out[target][mode][seed] = r.accuracy
     return out
 
