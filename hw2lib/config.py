@@ -59,7 +59,7 @@ class DDPMConfig:
     sample_batch: int = 500
     autocast: str = "none"  # none | bf16: the network's forward under bfloat16 autocast while sampling
     channels_last: bool = False  # sampling: the model (converted in place) and x_t in channels_last memory format
-    compile: bool = False  # sampling: torch.compile the model once, in place (minutes to compile on a CPU)
+    compile: bool = False  # sampling: torch.compile the model once, in place (~30 s on 2 CPU cores; bench/RESULTS.md)
     evaluator_epochs: int = 3
     evaluator_max_train: int | None = None  # cap on the evaluator's training images (None: all)
     interactive: bool = False
