@@ -33,9 +33,10 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _launch(tmp_path, nproc, out, steps, stop):
+def _launch(tmp_path, nproc, out, steps, stop, source=None):
+    """torchrun ``source`` (default: the DDPM script) with ``nproc`` processes: OUT STEPS STOP as its arguments."""
     script = tmp_path / "train_ddp.py"
-    script.write_text(SCRIPT)
+    script.write_text(source or SCRIPT)
     out.mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
            str(out), str(steps), str(stop)]
@@ -97,15 +98,8 @@ DANN_SCRIPT = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_dann_two_processes_gloo_identical_weights_loss_falls_and_resume_across_n(tmp_path):
-    script = tmp_path / "dann_ddp.py"
-    script.write_text(DANN_SCRIPT)
-
-    def launch(nproc, out, stop):
-        out.mkdir(exist_ok=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(script), str(out), "4", str(stop)]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    def launch(nproc, out, stop):  # 4 epochs in all, this call stopping after `stop`
+        _launch(tmp_path, nproc, out, 4, stop, source=DANN_SCRIPT)
 
     two = tmp_path / "two"
     launch(2, two, 4)
