@@ -22,4 +22,25 @@ def isolated_dirs(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture
+def interrupt_image_save(monkeypatch):
+    """``interrupt_image_save(n)``: the n-th PIL image save from now on raises KeyboardInterrupt (a user's
+    Ctrl-C in the middle of writing a folder)."""
+    from PIL import Image
+
+    def install(n: int) -> None:
+        real_save = Image.Image.save
+        calls = {"n": 0}
+
+        def flaky(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real_save(self, *args, **kwargs)
+
+        monkeypatch.setattr(Image.Image, "save", flaky)
+
+    return install
+
+
 os.environ.setdefault("MPLBACKEND", "Agg")

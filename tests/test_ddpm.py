@@ -175,19 +175,8 @@ def test_course_file_naming(tmp_path):
     assert (correct, total) == (3, 30)
 
 
-def test_interrupted_folder_write_leaves_nothing(tmp_path, monkeypatch):
-    from PIL import Image
-
-    calls = {"n": 0}
-    real_save = Image.Image.save
-
-    def flaky(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real_save(self, *a, **k)
-
-    monkeypatch.setattr(Image.Image, "save", flaky)
+def test_interrupted_folder_write_leaves_nothing(tmp_path, interrupt_image_save):
+    interrupt_image_save(5)
     with pytest.raises(KeyboardInterrupt):
         ddpm.write_course_folder(np.zeros((10, 28, 28, 3), np.uint8), np.arange(10), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -10,31 +10,39 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-SCRIPT = textwrap.dedent('''
+# Each torchrun script: PROLOGUE (arguments OUT TOTAL STOP, the process group, `rank`), a body that trains
+# `r` (with .model and .history), EPILOGUE (each rank saves rank<N>.pt to OUT).
+PROLOGUE = textwrap.dedent('''
     import os, sys, torch, torch.distributed as dist
     torch.set_num_threads(1)
-    from hw2lib import config, diffusion
-    from hw2lib.unet import build_unet
-    out, steps, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    from hw2lib import config
+    out, total, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
     rank = int(os.environ.get("RANK", "0"))
-    g = torch.Generator().manual_seed(1)
-    y = torch.randint(0, 10, (128,), generator=g)
-    x = (y.float() / 9 * 2 - 1)[:, None, None, None].expand(-1, 3, 28, 28).contiguous()
-    cfg = config.from_params("ddpm", profile="smoke", train_steps=steps, batch_size=16, lr=3e-3, warmup_steps=2,
-                             checkpoint_every=4)
-    torch.manual_seed(rank)  # different initialisations: DDP must broadcast rank 0's
-    r = diffusion.train(build_unet(cfg), x, y, cfg, "ddpm", os.path.join(out, "ckpt.pt"), "cpu", progress=False,
-                        stop_after=stop, log_every=2)
+''')
+EPILOGUE = textwrap.dedent('''
     torch.save({"model": r.model.state_dict(), "history": r.history}, os.path.join(out, f"rank{rank}.pt"))
     if dist.is_initialized():
         dist.destroy_process_group()
 ''')
 
+SCRIPT = PROLOGUE + textwrap.dedent('''
+    from hw2lib import diffusion
+    from hw2lib.unet import build_unet
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 10, (128,), generator=g)
+    x = (y.float() / 9 * 2 - 1)[:, None, None, None].expand(-1, 3, 28, 28).contiguous()
+    cfg = config.from_params("ddpm", profile="smoke", train_steps=total, batch_size=16, lr=3e-3, warmup_steps=2,
+                             checkpoint_every=4)
+    torch.manual_seed(rank)  # different initialisations: DDP must broadcast rank 0's
+    r = diffusion.train(build_unet(cfg), x, y, cfg, "ddpm", os.path.join(out, "ckpt.pt"), "cpu", progress=False,
+                        stop_after=stop, log_every=2)
+''') + EPILOGUE
+
 
 def _launch(tmp_path, nproc, out, steps, stop, source=None):
-    """torchrun ``source`` (default: the DDPM script) with ``nproc`` processes: OUT STEPS STOP as its arguments."""
+    """torchrun ``source`` (default: the DDPM script) with ``nproc`` processes: OUT TOTAL STOP as its arguments."""
     script = tmp_path / "train_ddp.py"
     script.write_text(source or SCRIPT)
     out.mkdir(exist_ok=True)
@@ -64,14 +72,8 @@ def test_two_processes_gloo_identical_weights_loss_falls_and_resume_across_n(tmp
         assert torch.allclose(v, resumed[k], atol=1e-4, rtol=1e-3), k
 
 
-DANN_SCRIPT = textwrap.dedent('''
-    import os, sys, torch, torch.distributed as dist
-    torch.set_num_threads(1)
-    from hw2lib import config, dann
-    out, epochs, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")
-    rank = int(os.environ.get("RANK", "0"))
+DANN_SCRIPT = PROLOGUE + textwrap.dedent('''
+    from hw2lib import dann
 
     def toy(n, domain, seed):  # class c: a bright square at one of 10 places; the target darker and tinted
         g = torch.Generator().manual_seed(seed)
@@ -86,14 +88,11 @@ DANN_SCRIPT = textwrap.dedent('''
 
     data = {"mnistm": {"train": toy(192, 0, 1), "val": toy(60, 0, 2)},
             "usps": {"train": toy(128, 1, 3), "val": toy(60, 1, 4)}}
-    cfg = config.from_params("dann", profile="smoke", targets=("usps",), epochs=epochs, batch_size=32, lr=5e-3,
+    cfg = config.from_params("dann", profile="smoke", targets=("usps",), epochs=total, batch_size=32, lr=5e-3,
                              dropout=0.0)
     r = dann.train("dann", cfg, data, "usps", ckpt=os.path.join(out, "dann.pt"), progress=False,
                    log=lambda *a: None, stop_after=stop)
-    torch.save({"model": r.model.state_dict(), "history": r.history}, os.path.join(out, f"rank{rank}.pt"))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-''')
+''') + EPILOGUE
 
 
 @pytest.mark.slow

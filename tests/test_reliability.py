@@ -204,23 +204,14 @@ def test_infinite_loss_stops_naming_step_and_keeps_last_checkpoint(tmp_path, mon
 
 
 # --------------------------------------------------------------------------- interrupted generation
-def test_interrupted_face_folder_overwrite_keeps_previous_folder(tmp_path, monkeypatch):
+def test_interrupted_face_folder_overwrite_keeps_previous_folder(tmp_path, interrupt_image_save):
     """ddim-faces interrupted while writing (with --overwrite): the previous output folder is whole and
     no half-written folder is left to be mistaken for a finished one."""
     out = tmp_path / "faces"
     images = np.zeros((3, 8, 8, 3), np.uint8)
     ddim.write_image_folder(images, ["00.png", "01.png", "02.png"], out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real_save = Image.Image.save
-    calls = {"n": 0}
-
-    def flaky(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_save(self, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "save", flaky)
+    interrupt_image_save(2)
     with pytest.raises(KeyboardInterrupt):
         ddim.write_image_folder(images + 255, ["00.png", "01.png", "02.png"], out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
